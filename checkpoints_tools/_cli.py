@@ -1,0 +1,53 @@
+"""What the conversion tools share: flags, error reporting, the model built for conversion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from scope_megatron.logs import setup_logging
+from scope_megatron.model.arch import ModelArch, UnsupportedModelError
+from scope_megatron.model.checkpoint import OutputExistsError
+from scope_megatron.model.hf_io import WeightFileError
+
+logger = logging.getLogger("checkpoints_tools")
+
+# Errors that are the user's input, reported in one line with exit code 2.
+INPUT_ERRORS = (UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError, ValueError)
+
+
+def add_layout_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun when > 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (run under torchrun when > 1)")
+
+
+def run_tool(name: str, body: Callable[[argparse.Namespace], dict], parser: argparse.ArgumentParser,
+             argv: list[str] | None) -> int:
+    """Parse args, run ``body``, print its result as one JSON line on rank 0; map input errors to exit 2."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        result = body(args)
+    except INPUT_ERRORS as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        from scope_megatron.parallel import destroy_parallel
+
+        destroy_parallel()
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result), flush=True)
+    return int(result.get("exit_code", 0)) if result else 0
+
+
+def build_for_conversion(arch: ModelArch, dtype: torch.dtype):
+    """The model chunk of this rank, on CPU, uninitialised (weights are loaded right after)."""
+    from scope_megatron.model.builder import build_gpt_model
+
+    return build_gpt_model(arch, params_dtype=dtype, impl="local", perform_initialization=False, device="cpu")

@@ -1,0 +1,184 @@
+"""Run micro-batches through megatron-core's pipeline schedule: forward-only passes and training steps.
+
+The same code path serves every TP / PP / DP layout: ``get_forward_backward_func()`` picks the
+no-pipelining or 1F1B schedule, megatron's DDP reduces gradients (distributed optimizer or
+not), and ``finalize_model_grads`` finishes them.
+
+Loss contract (what makes results independent of layout and micro-batch count): a
+``loss_fn(logits, micro_batch)`` returns this micro-batch's *share* of the final loss, i.e. a
+sum over its tokens of per-token terms already divided by denominators computed once over the
+global batch, plus a report dict. The final loss is the plain sum of the shares over all
+micro-batches and data-parallel ranks. :func:`train_step` cancels megatron's per-token
+normalisation (``calculate_per_token_loss=True``) so the gradient is exactly that of this sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: token ids [b, s], and whatever the loss needs (same leading dims)."""
+
+    tokens: torch.Tensor  # [b, s] int64
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_loss_tokens: int = 0  # tokens that carry a loss term (for megatron's token counter)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
+                          self.num_loss_tokens)
+
+
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+OutputFn = Callable[[torch.Tensor, MicroBatch], Any]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _as_list(model) -> list[torch.nn.Module]:
+    return model if isinstance(model, list) else [model]
+
+
+def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | None = None) -> list[Any]:
+    """Forward-only pass; on the last pipeline stage return ``output_fn(logits, mb)`` per micro-batch.
+
+    Without ``output_fn`` the raw vocab-parallel logits [b, s, V_padded / TP] are returned.
+    Other stages return an empty list.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = _device()
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator).to(device)
+        logits = chunk(mb.tokens, mb.position_ids, None)
+        if output_fn is None:
+            return logits, None
+        return logits, lambda out, non_loss_data=True: output_fn(out, mb)
+
+    chunks = _as_list(model)
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=True,
+            collect_non_loss_data=output_fn is not None,
+        )
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    grad_norm: float
+    update_successful: bool
+    num_loss_tokens: int
+    report: dict[str, float]
+
+
+def _global_loss_tokens(micro_batches: list[MicroBatch]) -> int:
+    from megatron.core import parallel_state as ps
+
+    total = torch.tensor([sum(mb.num_loss_tokens for mb in micro_batches)], dtype=torch.int64, device=_device())
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return int(total.item())
+
+
+def train_step(model, optimizer, micro_batches: list[MicroBatch], loss_fn: LossFn) -> StepResult:
+    """One forward/backward over ``micro_batches`` (this DP rank's share) and one optimizer step.
+
+    ``model`` is the DDP-wrapped chunk (or list of chunks); see the module docstring for the loss
+    contract. Returns the summed loss and the reports, reduced over micro-batches and DP ranks.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    chunks = _as_list(model)
+    device = _device()
+    global_tokens = _global_loss_tokens(micro_batches)
+    scale = float(max(global_tokens, 1))
+
+    def loss_func(mb: MicroBatch, output: torch.Tensor):
+        share, report = loss_fn(output, mb)
+        report = {"loss": share.detach().float(), **{k: v.detach().float() for k, v in report.items()}}
+        # megatron divides the gradient by the global token count; multiply it back in.
+        return share * scale, torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=device), report
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator).to(device)
+        return chunk(mb.tokens, mb.position_ids, None), partial(loss_func, mb)
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+        micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+
+    # Sum reports over micro-batches (last stage), DP ranks, then share them with every stage.
+    keys = sorted(reports[0]) if reports else []
+    last = dist.get_global_rank(ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size() - 1)
+    key_list = [keys]
+    dist.broadcast_object_list(key_list, src=last, group=ps.get_pipeline_model_parallel_group())
+    keys = key_list[0]
+    values = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    for rep in reports:
+        values += torch.stack([rep[k].to(torch.float64).reshape(()) for k in keys])
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
+    summed = dict(zip(keys, values.tolist()))
+    return StepResult(loss=summed.pop("loss", 0.0), grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                      update_successful=bool(update_successful), num_loss_tokens=global_tokens, report=summed)
+
+
+def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.01, clip_grad: float = 1.0,
+                      adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
+                      use_distributed_optimizer: bool = True):
+    """Wrap a model chunk in megatron's DDP and build its (distributed) Adam(W) optimizer.
+
+    Returns ``(ddp_model, optimizer)``. Gradients reduce in fp32; bf16 models keep fp32 main params.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
+        finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=use_distributed_optimizer)
+    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
+                                 adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
+                                 bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+                                 use_distributed_optimizer=use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    return ddp_model, optimizer

@@ -1,0 +1,150 @@
+"""Build a megatron-core ``GPTModel`` that computes exactly what the HF model of ``ModelArch`` computes.
+
+The settings below are the ones verified against HF transformers for Llama, Qwen2 and Qwen3
+(../shared/docs/research/megatron-core.md, section 2): RMSNorm with HF's eps, SwiGLU, no linear
+biases except Qwen2's QKV bias, Qwen3's q/k norms, ``kv_channels = head_dim``, RoPE theta and
+llama3 scaling as GPTModel arguments, dropout 0, and the vocabulary padded to a multiple of
+``make_vocab_size_divisible_by x TP`` (padded columns are never part of a log-prob: see
+``objective`` and the export path, which strips them).
+
+Layer spec: Transformer Engine when it is importable and CUDA is present; otherwise megatron's
+local layers with :class:`SDPAttention` as core attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .arch import ModelArch, check_parallel_layout
+
+logger = logging.getLogger(__name__)
+
+LayerImpl = Literal["auto", "te", "local", "local_sdpa"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padded vocabulary: the next multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def resolve_layer_impl(impl: LayerImpl = "auto") -> str:
+    """"te" when Transformer Engine is importable and CUDA present (for "auto"), else "local_sdpa"."""
+    if impl != "auto":
+        if impl == "te" and not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
+            raise ValueError("layer_impl='te' needs CUDA and transformer_engine installed")
+        return impl
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        return "te"
+    return "local_sdpa"
+
+
+def layer_spec(arch: ModelArch, impl: LayerImpl = "auto"):
+    """The megatron-core ``ModuleSpec`` of one transformer layer for ``arch``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    impl = resolve_layer_impl(impl)
+    if impl == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    if impl == "local_sdpa":
+        from .sdpa_attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def transformer_config(arch: ModelArch, *, params_dtype: torch.dtype = torch.float32,
+                       use_cpu_initialization: bool | None = None, perform_initialization: bool = True,
+                       calculate_per_token_loss: bool = True, recompute: bool = False):
+    """A ``TransformerConfig`` for ``arch`` at the parallel layout megatron's parallel_state holds."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    check_parallel_layout(arch, tp, pp)
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.rms_norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        # every micro-batch has its own [b, s]; megatron requires the alltoall flag for it.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        calculate_per_token_loss=calculate_per_token_loss,
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(arch: ModelArch, *, params_dtype: torch.dtype = torch.float32, impl: LayerImpl = "auto",
+                    perform_initialization: bool = True, make_vocab_size_divisible_by: int = 128,
+                    calculate_per_token_loss: bool = True, recompute: bool = False, device: str | None = None):
+    """This rank's pipeline stage of the student, on ``device`` (default: CUDA if present, else CPU).
+
+    Megatron's parallel state must be initialised (:func:`scope_megatron.parallel.init_parallel`).
+    The output layer returns vocab-parallel logits [s, b, V_padded / TP] when called without labels.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    on_gpu = torch.cuda.is_available() if device is None else device != "cpu"
+    config = transformer_config(arch, params_dtype=params_dtype, perform_initialization=perform_initialization,
+                                calculate_per_token_loss=calculate_per_token_loss, recompute=recompute,
+                                use_cpu_initialization=not on_gpu)
+    tp = ps.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, impl),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        rope_scaling=arch.llama3_rope_factor is not None,
+        rope_scaling_factor=arch.llama3_rope_factor or 8.0,
+    )
+    model.true_vocab_size = arch.vocab_size  # columns at or beyond this are padding
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model

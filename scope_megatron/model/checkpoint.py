@@ -1,0 +1,140 @@
+"""The converted-checkpoint format and atomic output directories.
+
+A scope-megatron model checkpoint is a directory::
+
+    CKPT_DIR/
+      scope_megatron.json   format version, architecture, storage dtype, where it came from
+      hf/                   the HF config.json (+ generation_config.json, tokenizer files)
+      model/                megatron-core dist_checkpointing (torch_dist) of the model; it loads
+                            under any TP / PP layout (keys and global shapes are layout-free)
+
+Every writer goes through :func:`atomic_output_dir`: files are written to ``OUT.partial``
+and renamed to ``OUT`` only when complete, so a crash never leaves a half-written ``OUT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .arch import ModelArch, arch_from_hf_config
+
+FORMAT_VERSION = 1
+META_FILE = "scope_megatron.json"
+HF_SUBDIR = "hf"
+MODEL_SUBDIR = "model"
+# Files copied next to config.json so export can rebuild a complete HF directory.
+HF_SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already exists (we never overwrite)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out_dir`` when the block succeeds (all ranks).
+
+    Fails with :class:`OutputExistsError` if ``out_dir`` exists and ``overwrite`` is False. On an
+    exception the temporary directory is removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir).resolve()
+    tmp = out.with_name(out.name + ".partial")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {out} already exists; choose another --out or remove it")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an earlier crashed run of ours
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        yield tmp
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _rank() == 0:
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    _barrier()
+
+
+def write_meta(ckpt_dir: Path, arch: ModelArch, hf_source_dir: str | Path | None, dtype: torch.dtype,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write ``scope_megatron.json`` and copy the HF side files (rank 0 only)."""
+    if _rank() != 0:
+        return
+    meta = {"format_version": FORMAT_VERSION, "arch": arch.to_dict(), "dtype": str(dtype).removeprefix("torch."),
+            "hf_source": str(hf_source_dir) if hf_source_dir else None, **(extra or {})}
+    (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    if hf_source_dir is not None:
+        hf_out = ckpt_dir / HF_SUBDIR
+        hf_out.mkdir(exist_ok=True)
+        for name in HF_SIDE_FILES:
+            src = Path(hf_source_dir) / name
+            if src.is_file():
+                shutil.copy2(src, hf_out / name)
+
+
+def read_meta(ckpt_dir: str | Path) -> tuple[ModelArch, dict[str, Any]]:
+    """The architecture (re-validated from the stored HF config) and the metadata of a checkpoint."""
+    ckpt = Path(ckpt_dir)
+    meta_path = ckpt / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a scope-megatron checkpoint (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    hf_config = json.loads((ckpt / HF_SUBDIR / "config.json").read_text())
+    return arch_from_hf_config(hf_config), meta
+
+
+def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Save this rank's model chunk into ``ckpt_dir/model`` (a collective over all ranks)."""
+    from megatron.core import dist_checkpointing
+
+    model_dir = ckpt_dir / MODEL_SUBDIR
+    if _rank() == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(model_dir))
+
+
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load ``ckpt_dir/model`` into this rank's model chunk, whatever layout it was saved at."""
+    from megatron.core import dist_checkpointing
+
+    model_dir = Path(ckpt_dir) / MODEL_SUBDIR
+    if not (model_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no complete megatron checkpoint (metadata.json missing)")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {model_dir} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")

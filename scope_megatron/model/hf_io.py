@@ -1,0 +1,235 @@
+"""Stream weights between HF safetensors and a (possibly TP/PP-sharded) megatron model.
+
+- :class:`HFWeightReader` opens ``model.safetensors`` or a sharded ``model.safetensors.index.json``
+  lazily (memory-mapped): reading one tensor costs that tensor's memory only, and every
+  missing / truncated file or wrongly shaped tensor is a named error.
+- :func:`load_hf_into_model` fills this rank's model chunk one parameter at a time.
+- :func:`export_hf_tensors` yields ``(hf_name, full tensor)`` for the whole model on every rank,
+  gathering TP shards (all-gather) and PP stages (broadcast) one parameter at a time; the
+  vocabulary padding is stripped. Conversion writes these; weight sync sends them.
+- :class:`SafetensorsShardWriter` writes them as HF does (shards + index past a size limit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .arch import ModelArch
+from .mapping import ParamMap, expected_hf_shapes, global_to_hf, hf_to_global, local_param_map, merge_shards, \
+    param_maps, shard
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, unreadable, truncated, or holds a tensor of the wrong shape."""
+
+
+class HFWeightReader:
+    """Lazy access to the tensors of an HF checkpoint directory (safetensors only)."""
+
+    def __init__(self, hf_dir: str | Path, arch: ModelArch | None = None):
+        from safetensors import safe_open
+
+        self.hf_dir = Path(hf_dir)
+        index_path = self.hf_dir / SAFETENSORS_INDEX
+        if index_path.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise WeightFileError(f"{index_path}: not a valid safetensors index ({err})") from err
+        elif (self.hf_dir / SAFETENSORS_SINGLE).is_file():
+            weight_map = None  # filled below from the single file
+        else:
+            bins = sorted(p.name for p in self.hf_dir.glob("*.bin"))
+            hint = f" (found {bins[0]}: re-save the model with safe_serialization=True)" if bins else ""
+            raise WeightFileError(f"no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {self.hf_dir}{hint}")
+        self._handles = {}
+        files = sorted(set(weight_map.values())) if weight_map else [SAFETENSORS_SINGLE]
+        for fname in files:
+            path = self.hf_dir / fname
+            if not path.is_file():
+                raise WeightFileError(f"weight file {path} listed in {SAFETENSORS_INDEX} is missing")
+            try:
+                self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types for truncated headers
+                raise WeightFileError(f"cannot read {path}: {err}") from err
+        if weight_map is None:
+            weight_map = {k: SAFETENSORS_SINGLE for k in self._handles[SAFETENSORS_SINGLE].keys()}
+        self.weight_map = weight_map
+        self._expected = expected_hf_shapes(arch) if arch is not None else {}
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the checkpoint (that of its embedding)."""
+        return self.get("model.embed_tokens.weight").dtype
+
+    def check_complete(self) -> None:
+        """Raise naming the first tensor the architecture needs that no file holds."""
+        missing = [n for n in self._expected if n not in self.weight_map]
+        if missing:
+            raise WeightFileError(f"{self.hf_dir}: tensor {missing[0]!r} is missing "
+                                  f"({len(missing)} missing in all)")
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, shape-checked against the architecture."""
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise WeightFileError(f"{self.hf_dir}: tensor {name!r} is missing")
+        try:
+            tensor = self._handles[fname].get_tensor(name)
+        except Exception as err:
+            raise WeightFileError(f"{self.hf_dir / fname}: cannot read tensor {name!r} "
+                                  f"(truncated or corrupt file?): {err}") from err
+        expected = self._expected.get(name)
+        if expected is not None and tuple(tensor.shape) != expected:
+            raise WeightFileError(f"{self.hf_dir / fname}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {expected} from config.json")
+        return tensor
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Global index of this pipeline stage's first layer."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+@torch.no_grad()
+def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, reader: HFWeightReader) -> None:
+    """Copy HF weights into this rank's megatron model chunk (TP shard, PP stage), tensor by tensor."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset = layer_offset(model)
+    for name, param in model.named_parameters():
+        pm = local_param_map(arch, name, offset)
+        hf_names = pm.hf_names
+        if pm.megatron_name == "output_layer.weight" and arch.tie_word_embeddings:
+            hf_names = ("model.embed_tokens.weight",)
+        full = hf_to_global(arch, pm, [reader.get(n) for n in hf_names])
+        padded_vocab = param.shape[0] * tp if pm.kind == "vocab" else 0
+        local = shard(pm, full, tp_rank, tp, padded_vocab)
+        if local.shape != param.shape:
+            raise WeightFileError(f"{name}: HF weights give a shard of shape {tuple(local.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+        param.copy_(local.to(param.dtype))
+
+
+def _owner_stage(pm: ParamMap, arch: ModelArch, pp: int) -> int:
+    if pm.layer is not None:
+        return pm.layer // (arch.num_layers // pp)
+    return 0 if pm.megatron_name.startswith("embedding.") else pp - 1
+
+
+@torch.no_grad()
+def export_hf_tensors(model: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the model, full and unpadded, on every rank (a collective).
+
+    All ranks must consume the generator to the end. Memory: one full tensor at a time.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    pp_group = ps.get_pipeline_model_parallel_group()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    offset = layer_offset(model)
+    local_params = {}
+    for name, param in model.named_parameters():
+        pm = local_param_map(arch, name, offset)
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue  # the embedding is exported; the last stage's tied copy equals it
+        local_params[pm.megatron_name] = (pm, param)
+    device = next(model.parameters()).device
+    for pm in param_maps(arch):
+        owner = _owner_stage(pm, arch, pp)
+        full = None
+        if owner == pp_rank:
+            _, param = local_params[pm.megatron_name]
+            data = param.detach()
+            if tp > 1 and pm.kind != "replicated":
+                shards = [torch.empty_like(data) for _ in range(tp)]
+                dist.all_gather(shards, data.contiguous(), group=tp_group)
+            else:
+                shards = [data] * tp
+            full = merge_shards(pm, shards, arch.vocab_size)
+        if pp > 1:
+            shape = _global_shape(arch, pm)
+            if full is None:
+                full = torch.empty(shape, dtype=_param_dtype(model), device=device)
+            dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
+        for hf_name, tensor in zip(pm.hf_names, global_to_hf(arch, pm, full)):
+            yield hf_name, tensor
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _global_shape(arch: ModelArch, pm: ParamMap) -> tuple[int, ...]:
+    shapes = expected_hf_shapes(arch)
+    parts = [shapes[n] for n in pm.hf_names] if pm.megatron_name != "output_layer.weight" or not \
+        arch.tie_word_embeddings else [shapes["model.embed_tokens.weight"]]
+    if pm.kind in ("qkv", "fc1"):
+        return (sum(p[0] for p in parts), *parts[0][1:])
+    return parts[0]
+
+
+class SafetensorsShardWriter:
+    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``.
+
+    A single ``model.safetensors`` (no index) when everything fits in one shard, as HF does.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        idx = len(self._files)
+        save_file(self._pending, str(self.out_dir / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
+        self._files.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, name the files as HF does, write the index; return file names."""
+        if self._pending or not self._files:
+            self._flush()
+        n = len(self._files)
+        if n == 1:
+            (self.out_dir / "shard-00000.tmp").rename(self.out_dir / SAFETENSORS_SINGLE)
+            return [SAFETENSORS_SINGLE]
+        names, weight_map = [], {}
+        for i, tensor_names in enumerate(self._files):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out_dir / f"shard-{i:05d}.tmp").rename(self.out_dir / fname)
+            names.append(fname)
+            weight_map.update({t: fname for t in tensor_names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        return names

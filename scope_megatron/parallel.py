@@ -1,0 +1,112 @@
+"""torch.distributed and megatron-core parallel state, set up the same way by every entry point.
+
+Works under ``torchrun`` (reads RANK / WORLD_SIZE / LOCAL_RANK) and as a plain single process
+(a one-rank group on a free local port). NCCL on GPU, gloo on CPU (with :mod:`cpu_shims`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cpu_shims import apply_cpu_shims
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise the default process group once (torchrun env, or a single local rank)."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
+    """Set up torch.distributed and megatron's TP/PP/DP groups; return this rank's :class:`Layout`.
+
+    DP is world_size / (tp * pp). Re-initialises megatron's groups if they exist with other sizes.
+    """
+    apply_cpu_shims()
+    init_distributed()
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (tp, pp):
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return current_layout()
+
+
+def current_layout() -> Layout:
+    """The :class:`Layout` of the initialised megatron parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return Layout(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group (end of a job or test)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
