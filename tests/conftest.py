@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny HF models of each family, converted once per test session with the real tool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (case name, family, config overrides)
+MODEL_CASES = [
+    ("llama", "llama", {}),
+    ("qwen2", "qwen2", {}),
+    ("qwen3", "qwen3", {}),
+    ("qwen3_tied", "qwen3", {"tie_word_embeddings": True}),
+]
+
+
+def run_module(module: str, *args: str, timeout: float = 300, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` (or torchrun with ``nproc`` ranks) as a user would; capture output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def converted_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{case: (hf_dir, megatron_ckpt_dir)} for every case in MODEL_CASES, converted by hf_to_megatron."""
+    from scope_megatron.tiny_models import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, family, overrides in MODEL_CASES:
+        hf_dir = save_tiny_hf_model(root / f"{name}_hf", family, seed=len(out), **overrides)
+        ckpt = root / f"{name}_ckpt"
+        proc = run_module("checkpoints_tools.hf_to_megatron", "--hf", str(hf_dir), "--out", str(ckpt))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = (hf_dir, ckpt)
+    return out
