@@ -44,6 +44,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.transformer.utils",
+    "megatron.core.utils",
 )
 
 

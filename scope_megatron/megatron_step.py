@@ -91,7 +91,8 @@ class StepResult:
     """What one optimizer step reports (identical on every rank)."""
 
     loss: float
-    grad_norm: float
+    grad_norm: float  # before clipping
+    learning_rate: float
     update_successful: bool
     num_loss_tokens: int
     report: dict[str, float]
@@ -105,11 +106,12 @@ def _global_loss_tokens(micro_batches: list[MicroBatch]) -> int:
     return int(total.item())
 
 
-def train_step(model, optimizer, micro_batches: list[MicroBatch], loss_fn: LossFn) -> StepResult:
+def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], loss_fn: LossFn) -> StepResult:
     """One forward/backward over ``micro_batches`` (this DP rank's share) and one optimizer step.
 
-    ``model`` is the DDP-wrapped chunk (or list of chunks); see the module docstring for the loss
-    contract. Returns the summed loss and the reports, reduced over micro-batches and DP ranks.
+    ``model`` is the DDP-wrapped chunk (or list of chunks), ``optimizer`` and ``scheduler`` come
+    from :func:`wrap_for_training`; see the module docstring for the loss contract. Returns the
+    summed loss and the reports, reduced over micro-batches and DP ranks.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -141,7 +143,10 @@ def train_step(model, optimizer, micro_batches: list[MicroBatch], loss_fn: LossF
         micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
         forward_only=False,
     )
+    learning_rate = optimizer.param_groups[0]["lr"]
     update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(1)
 
     # Sum reports over micro-batches (last stage), DP ranks, then share them with every stage.
     keys = sorted(reports[0]) if reports else []
@@ -156,19 +161,23 @@ def train_step(model, optimizer, micro_batches: list[MicroBatch], loss_fn: LossF
     dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
     summed = dict(zip(keys, values.tolist()))
     return StepResult(loss=summed.pop("loss", 0.0), grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                      update_successful=bool(update_successful), num_loss_tokens=global_tokens, report=summed)
+                      learning_rate=float(learning_rate), update_successful=bool(update_successful), num_loss_tokens=global_tokens, report=summed)
 
 
 def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.01, clip_grad: float = 1.0,
                       adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
-                      use_distributed_optimizer: bool = True):
-    """Wrap a model chunk in megatron's DDP and build its (distributed) Adam(W) optimizer.
+                      use_distributed_optimizer: bool = True, lr_warmup_steps: int = 0,
+                      lr_decay_style: str = "constant", lr_decay_steps: int = 1, min_lr: float = 0.0):
+    """Wrap a model chunk in megatron's DDP; build its (distributed) AdamW optimizer and LR schedule.
 
-    Returns ``(ddp_model, optimizer)``. Gradients reduce in fp32; bf16 models keep fp32 main params.
+    Returns ``(ddp_model, optimizer, scheduler)``. Gradients reduce in fp32; bf16 models keep fp32
+    main params. The scheduler (megatron's ``OptimizerParamScheduler``) also applies weight
+    decay per parameter group: none on biases and 1-D parameters (norms), as megatron does.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
         finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = model.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -179,6 +188,10 @@ def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float 
                                  bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
                                  use_distributed_optimizer=use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if lr_warmup_steps else lr, max_lr=lr, min_lr=min_lr, lr_warmup_steps=lr_warmup_steps,
+        lr_decay_steps=max(lr_decay_steps, lr_warmup_steps + 1), lr_decay_style=lr_decay_style,
+        start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=1, wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
-    return ddp_model, optimizer
+    return ddp_model, optimizer, scheduler

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -44,7 +45,8 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, args: Sequence[A
 
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # plain pickle: tensors travel as bytes, not as shared-memory handles that die with this process
+        results.put((rank, "ok", pickle.dumps(out)))
         dist.destroy_process_group()
     except BaseException:  # report every failure, including SystemExit from argparse
         results.put((rank, "error", traceback.format_exc()))
@@ -78,7 +80,7 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
                                        f"{[procs[r].exitcode for r in dead]})")
                 continue
             if status == "ok":
-                out[rank] = payload
+                out[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break  # one failure is enough; the others may hang waiting for it
