@@ -1,0 +1,626 @@
+"""``scope-megatron serve``: the embedded engine behind SGLang 0.5.23's HTTP protocol.
+
+A FastAPI app (served by uvicorn) in front of :class:`~scope_megatron.rollout.engine.EmbeddedEngine`.
+Request and response JSON follow ``docs/research/sglang-api.md`` field by field, so the
+trainer's :class:`~scope_megatron.rollout.client.SGLangClient` cannot tell it from SGLang.
+
+Endpoints: ``/generate`` (POST/PUT), ``/health``, ``/health_generate``, ``/ready``,
+``/model_info`` (+ ``/get_model_info``), ``/server_info`` (+ ``/get_server_info``),
+``/update_weights_from_disk``, ``/init_weights_update_group``,
+``/update_weights_from_distributed``, ``/destroy_weights_update_group``,
+``/begin_weight_update``, ``/end_weight_update``, ``/pause_generation``,
+``/continue_generation``, ``/flush_cache``, ``/abort_request``, ``/update_weight_version``,
+``/get_weights_by_name``.
+
+Not implemented (answered with HTTP 400 ``{"error": ...}``): streaming, ``text``-less
+constraints (regex / json_schema / ebnf / structural_tag / stop_regex), logit_bias,
+beam search, custom logit processors, multimodal inputs.
+
+From Python, :func:`start_embedded_server` runs one in a background thread of the calling
+process (two of them, student and teacher, can share a trainer process) and
+:func:`start_embedded_server_process` runs one as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .engine import EmbeddedEngine, EngineConfig, EngineError, GenRequest
+from .protocol import ProtocolError, expect_bool, expect_int, expect_int_list, validate_sampling_params
+
+logger = logging.getLogger(__name__)
+
+# Known sampling keys the embedded engine does not implement: non-null values are refused.
+UNSUPPORTED_SAMPLING_KEYS = ("stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias",
+                             "custom_params", "watermark", "choice")
+OPEN_PATHS = ("/health", "/health_generate", "/ready", "/metrics")
+ADMIN_PATHS = ("/update_weights_from_disk", "/init_weights_update_group", "/update_weights_from_distributed",
+               "/destroy_weights_update_group", "/begin_weight_update", "/end_weight_update", "/pause_generation",
+               "/continue_generation", "/flush_cache", "/abort_request", "/update_weight_version")
+FLUSH_FAILED_AFTER_UPDATE = ("Weights were updated, but the cache was not flushed because requests are still "
+                             "running; call /flush_cache")
+
+
+# ---------------------------------------------------------------------------- /generate parsing
+def _per_item(value: Any, batch: int, name: str, parse: Callable[[Any, str], Any], default: Any,
+              is_list_form: Callable[[Any], bool]) -> tuple[list[Any], bool]:
+    """Broadcast a scalar-or-list request field to ``batch`` items; returns (values, was_list)."""
+    if value is None:
+        return [default] * batch, False
+    if is_list_form(value):
+        if len(value) != batch:
+            raise ProtocolError(f"{name} has {len(value)} items for a batch of {batch}")
+        return [default if v is None else parse(v, f"{name}[{i}]") for i, v in enumerate(value)], True
+    return [parse(value, name)] * batch, False
+
+
+def parse_generate_request(body: Any, engine: EmbeddedEngine) -> tuple[list[GenRequest], bool]:
+    """Turn a ``/generate`` JSON body into engine requests (``n`` expanded, grouped per prompt).
+
+    Returns (requests, single) where ``single`` means the reply is one object, not an array.
+    Raises :class:`ProtocolError` with text naming the bad field.
+    """
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    has_text, has_ids = body.get("text") is not None, body.get("input_ids") is not None
+    if body.get("input_embeds") is not None:
+        raise ProtocolError("input_embeds is not supported by the embedded engine")
+    if has_text == has_ids:
+        raise ProtocolError("exactly one of text / input_ids must be given")
+    if has_ids:
+        raw = body["input_ids"]
+        if not isinstance(raw, list) or not raw:
+            raise ProtocolError("input_ids must be a non-empty list of ints or a list of lists of ints")
+        single = not isinstance(raw[0], list)
+        prompts = [expect_int_list(raw, "input_ids")] if single else [
+            expect_int_list(p, f"input_ids[{i}]") for i, p in enumerate(raw)]
+    else:
+        raw = body["text"]
+        if engine.tokenizer is None:
+            raise ProtocolError("text input needs a tokenizer; this server runs without one (send input_ids)")
+        single = isinstance(raw, str)
+        texts = [raw] if single else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ProtocolError("text must be a string or a list of strings")
+        prompts = [engine.tokenizer.encode(t) for t in texts]
+    batch = len(prompts)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ProtocolError(f"input_ids[{i}] is empty" if not single else "input_ids is empty")
+
+    sp_raw = body.get("sampling_params")
+    if isinstance(sp_raw, list):
+        if len(sp_raw) != batch:
+            raise ProtocolError(f"sampling_params has {len(sp_raw)} items for a batch of {batch}")
+        params = [validate_sampling_params(s, f"sampling_params[{i}]") for i, s in enumerate(sp_raw)]
+    else:
+        params = [validate_sampling_params(sp_raw)] * batch
+    for i, p in enumerate(params):
+        for key in UNSUPPORTED_SAMPLING_KEYS:
+            if p.get(key) is not None:
+                raise ProtocolError(f"sampling_params.{key} is not supported by the embedded engine")
+        if p.get("beam_width", 1) != 1:
+            raise ProtocolError("sampling_params.beam_width > 1 is not supported by the embedded engine")
+    ns = {p.get("n", 1) for p in params}
+    if len(ns) != 1:
+        raise ProtocolError("every item of sampling_params must have the same n")
+    n = ns.pop()
+
+    def is_list(v: Any) -> bool:
+        return isinstance(v, list)
+
+    return_logprob, lp_list = _per_item(body.get("return_logprob"), batch, "return_logprob", expect_bool, False, is_list)
+    start_len, sl_list = _per_item(body.get("logprob_start_len"), batch, "logprob_start_len", expect_int, -1, is_list)
+    top_num, tn_list = _per_item(body.get("top_logprobs_num"), batch, "top_logprobs_num", expect_int, 0, is_list)
+    token_ids_lp, ti_list = _per_item(body.get("token_ids_logprob"), batch, "token_ids_logprob", expect_int_list,
+                                      None, lambda v: isinstance(v, list) and bool(v) and isinstance(v[0], list))
+    if n > 1 and (lp_list or sl_list or tn_list or ti_list):
+        raise ProtocolError("list-form return_logprob / logprob_start_len / top_logprobs_num / token_ids_logprob "
+                            "is not allowed with n > 1")
+    text_in_lp = expect_bool(body.get("return_text_in_logprobs", False) or False, "return_text_in_logprobs")
+    return_prompt_ids = expect_bool(body.get("return_prompt_token_ids", False) or False, "return_prompt_token_ids")
+    rid = body.get("rid")
+    if rid is None or n > 1:
+        rids = [None] * batch
+    elif isinstance(rid, str):
+        rids = [rid] if single else [f"{rid}_{i}" for i in range(batch)]
+    elif isinstance(rid, list) and len(rid) == batch and all(isinstance(r, str) for r in rid):
+        rids = list(rid)
+    else:
+        raise ProtocolError(f"rid must be a string or a list of {batch} strings")
+
+    requests: list[GenRequest] = []
+    for i in range(batch):
+        for k in range(n):
+            p = dict(params[i])
+            if n > 1 and p.get("sampling_seed") is not None:
+                p["sampling_seed"] = p["sampling_seed"] + k
+            kwargs = dict(prompt_ids=list(prompts[i]), params=p, return_logprob=return_logprob[i],
+                          logprob_start_len=start_len[i], top_logprobs_num=top_num[i],
+                          token_ids_logprob=token_ids_lp[i], return_text_in_logprobs=text_in_lp,
+                          return_prompt_token_ids=return_prompt_ids)
+            if rids[i] is not None:
+                kwargs["rid"] = rids[i]
+            requests.append(GenRequest(**kwargs))
+    return requests, single and n == 1
+
+
+# ---------------------------------------------------------------------------- the app
+class _AuthMiddleware:
+    """SGLang's key rules (pure ASGI): probes open; control endpoints need the admin key when one
+    is set, else the API key; everything else needs the API key (or the admin key). 401 otherwise."""
+
+    def __init__(self, app: Any, api_key: str | None, admin_api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+        self.admin_api_key = admin_api_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in OPEN_PATHS:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            token = header[7:] if header.lower().startswith("bearer ") else None
+            if path in ADMIN_PATHS and self.admin_api_key:
+                allowed = token == self.admin_api_key
+            else:
+                allowed = token is not None and token in (self.api_key, self.admin_api_key)
+            if not allowed:
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key: str | None = None):
+    """The FastAPI app serving ``engine`` with SGLang's endpoints and auth rules."""
+    app = FastAPI(title="scope-megatron embedded engine")
+    control_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="engine-control")
+    in_flight_rids: set[str] = set()
+
+    def error(message: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def ok(message: str, **extra: Any) -> JSONResponse:
+        return JSONResponse({"success": True, "message": message, **extra})
+
+    def failed(message: str, **extra: Any) -> JSONResponse:
+        return JSONResponse({"success": False, "message": message, **extra}, status_code=400)
+
+    async def run_blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(control_pool, lambda: fn(*args, **kwargs))
+
+    async def json_object(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        import json
+
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ProtocolError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ProtocolError("the body must be a JSON object")
+        return data
+
+    def field_of(data: dict[str, Any], key: str, kind: type, default: Any = ..., nullable: bool = False) -> Any:
+        if key not in data or (data[key] is None and default is not ...):
+            if default is ...:
+                raise ProtocolError(f"missing field `{key}`")
+            return default
+        value = data[key]
+        if value is None and nullable:
+            return None
+        if kind is int:
+            return expect_int(value, key)
+        if kind is bool:
+            return expect_bool(value, key)
+        if not isinstance(value, kind):
+            raise ProtocolError(f"`{key}` must be of type {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    if api_key or admin_api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key, admin_api_key=admin_api_key)
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(_request: Request, exc: ProtocolError):
+        return error(str(exc))
+
+    # ---------------------------------------------------------------- generation
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        body = await json_object(request)
+        if body.get("stream"):
+            return error("stream=true is not supported by the embedded engine")
+        requests, single = parse_generate_request(body, engine)
+        dupes = [r.rid for r in requests if r.rid in in_flight_rids]
+        if dupes:
+            return error(f"Duplicate request ID detected: {dupes[0]}")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        for req, fut in zip(requests, futures):
+            req.on_done = (lambda res, fut=fut: loop.call_soon_threadsafe(
+                lambda: fut.done() or fut.set_result(res)))
+        in_flight_rids.update(r.rid for r in requests)
+        try:
+            engine.submit(requests)
+            results = await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            for req in requests:
+                engine.abort(req.rid)
+            raise
+        except EngineError as exc:
+            return error(str(exc), 503)
+        finally:
+            in_flight_rids.difference_update(r.rid for r in requests)
+        for res in results:
+            reason = res["meta_info"]["finish_reason"] or {}
+            status = reason.get("status_code")
+            if reason.get("type") == "abort" and status is not None and status >= 400:
+                return JSONResponse({"error": {"message": reason.get("message")}}, status_code=status)
+        return JSONResponse(results[0] if single else results)
+
+    # ---------------------------------------------------------------- health and info
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if engine.healthy else 503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        if not engine.healthy or engine.paused:
+            return Response(status_code=503)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        probe = GenRequest(prompt_ids=[engine.pad_id], params={"max_new_tokens": 1, "temperature": 0.0},
+                           on_done=lambda res: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(res)))
+        engine.submit([probe])
+        try:
+            await asyncio.wait_for(fut, timeout=20)
+        except asyncio.TimeoutError:
+            engine.abort(probe.rid)
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready():
+        return Response(status_code=200 if engine.healthy and not engine.paused else 503)
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        return engine.model_info()
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return {
+            "model_path": engine.model_path, "tp_size": 1, "dp_size": 1, "pp_size": 1,
+            "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+            "max_total_num_tokens": engine.context_length * engine.config.max_batch_size,
+            "max_req_input_len": engine.context_length - 1, "context_length": engine.context_length,
+            "max_batch_size": engine.config.max_batch_size, "weight_version": engine.weight_version,
+            "internal_states": [engine.load()], "version": "scope-megatron-embedded", "frontend": "python",
+            "skip_tokenizer_init": engine.tokenizer is None,
+        }
+
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
+    async def get_weights_by_name(request: Request):
+        data = await json_object(request)
+        try:
+            return engine.get_weights_by_name(field_of(data, "name", str), field_of(data, "truncate_size", int, 100))
+        except EngineError as exc:
+            return error(str(exc))
+
+    # ---------------------------------------------------------------- control
+    @app.post("/pause_generation")
+    async def pause_generation(request: Request):
+        data = await json_object(request)
+        await run_blocking(engine.pause, field_of(data, "mode", str, "abort"))
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    @app.post("/continue_generation")
+    async def continue_generation(request: Request):
+        await json_object(request)
+        engine.continue_generation()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache(timeout: float = 0.0):
+        if await run_blocking(engine.flush_cache, timeout):
+            return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
+                                     "(When there are running or waiting requests, the operation will not be performed.)\n")
+        return PlainTextResponse("Timed out waiting for idle state." if timeout > 0 else "Flush cache failed.",
+                                 status_code=400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        data = await json_object(request)
+        rid = field_of(data, "rid", str, "")
+        abort_all = field_of(data, "abort_all", bool, False)
+        if rid or abort_all:
+            await run_blocking(engine.abort, rid, abort_all)
+        return Response(status_code=200)
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(request: Request):
+        data = await json_object(request)
+        selector = field_of(data, "selector", str, "all")
+        if selector not in ("all", "target", "draft"):
+            return failed(f"selector must be 'all', 'target' or 'draft', got {selector!r}")
+        try:
+            engine.begin_weight_update()
+        except EngineError as exc:
+            return failed(str(exc))
+        return ok("Weight update session started.")
+
+    @app.post("/end_weight_update")
+    async def end_weight_update(request: Request):
+        await json_object(request)
+        try:
+            engine.end_weight_update()
+        except EngineError as exc:
+            return failed(str(exc))
+        return ok("Weight update session ended.")
+
+    def _version_suffix(version: str | None) -> str:
+        return f" Weight version updated to {version}." if version is not None else ""
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        data = await json_object(request)
+        model_path = field_of(data, "model_path", str)
+        version = field_of(data, "weight_version", str, None, nullable=True)
+        load_format = field_of(data, "load_format", str, None, nullable=True)
+        if load_format not in (None, "auto", "safetensors"):
+            return failed(f"load_format {load_format!r} is not supported by the embedded engine (auto, safetensors)",
+                          num_paused_requests=0)
+        try:
+            message = await run_blocking(engine.update_weights_from_disk, model_path, version,
+                                         field_of(data, "abort_all_requests", bool, False))
+        except (EngineError, OSError, RuntimeError) as exc:
+            return failed(f"Failed to update weights: {exc}. Rolled back to the previous weights.",
+                          num_paused_requests=0)
+        if field_of(data, "flush_cache", bool, True) and not engine.flush_cache(0):
+            return failed(FLUSH_FAILED_AFTER_UPDATE, num_paused_requests=0)
+        return ok(message + _version_suffix(version), num_paused_requests=0)
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request):
+        data = await json_object(request)
+        try:
+            await run_blocking(engine.init_weights_update_group, field_of(data, "master_address", str),
+                               field_of(data, "master_port", int), field_of(data, "rank_offset", int),
+                               field_of(data, "world_size", int),
+                               field_of(data, "group_name", str, "weight_update_group"),
+                               field_of(data, "backend", str, "nccl"))
+        except (EngineError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            return failed(f"Failed to init process group: {exc}")
+        return ok("Succeeded to initialize custom process group.")
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request):
+        data = await json_object(request)
+        try:
+            await run_blocking(engine.destroy_weights_update_group,
+                               field_of(data, "group_name", str, "weight_update_group"))
+        except EngineError as exc:
+            return failed(str(exc))
+        return ok("Succeeded to destroy custom process group.")
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request):
+        data = await json_object(request)
+        names = field_of(data, "names", list)
+        dtypes = field_of(data, "dtypes", list)
+        shapes = field_of(data, "shapes", list)
+        version = field_of(data, "weight_version", str, None, nullable=True)
+        try:
+            message = await run_blocking(
+                engine.update_weights_from_distributed, names, dtypes, shapes,
+                field_of(data, "group_name", str, "weight_update_group"), version,
+                field_of(data, "load_format", str, None, nullable=True),
+                field_of(data, "abort_all_requests", bool, False))
+        except (EngineError, RuntimeError) as exc:
+            return failed(f"Failed to update parameter online: {exc}")
+        if field_of(data, "flush_cache", bool, True) and not engine.flush_cache(0):
+            return failed(FLUSH_FAILED_AFTER_UPDATE)
+        return ok(message + _version_suffix(version))
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        data = await json_object(request)
+        version = field_of(data, "new_version", str)
+        if field_of(data, "abort_all_requests", bool, True):
+            await run_blocking(engine.abort, None, True)
+        engine._set_version(version)
+        return {"success": True, "message": f"Weight version updated to {version}", "new_version": version}
+
+    app.state.engine = engine
+    app.state.control_pool = control_pool
+    return app
+
+
+# ---------------------------------------------------------------------------- running it
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Flags of ``scope-megatron serve`` (SGLang's names where they exist)."""
+    p = argparse.ArgumentParser(prog="scope-megatron serve",
+                                description="Embedded engine speaking SGLang 0.5.23's HTTP protocol (transformers).")
+    p.add_argument("--model", "--model-path", dest="model", required=True, help="HF model directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000, help="port (0 picks a free one and prints it)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--admin-api-key", default=None, help="key required by control endpoints")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--skip-tokenizer-init", action="store_true", help="serve input_ids only")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # accepted connections inherit it: without it, Nagle + delayed ACK add ~40 ms per reply
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str]) -> int:
+    """Run the server in the foreground until SIGINT/SIGTERM."""
+    import uvicorn
+
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = EmbeddedEngine(EngineConfig(
+        model_path=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        context_length=args.context_length, random_seed=args.random_seed, weight_version=args.weight_version,
+        skip_tokenizer_init=args.skip_tokenizer_init, served_model_name=args.served_model_name))
+    app = create_app(engine, api_key=args.api_key, admin_api_key=args.admin_api_key)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"scope-megatron serve: listening on http://{host}:{port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.shutdown()
+        app.state.control_pool.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+@dataclass
+class EmbeddedServerHandle:
+    """A running embedded server: ``url``, ``engine`` (thread mode) and ``stop()``."""
+
+    url: str
+    engine: EmbeddedEngine | None = None
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    _server: Any = None
+    _thread: threading.Thread | None = None
+    _stopped: bool = field(default=False)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server (idempotent): uvicorn shutdown + engine shutdown, or terminate the process."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+            return
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def __enter__(self) -> "EmbeddedServerHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_embedded_server(model_dir: str | Path, port: int = 0, host: str = "127.0.0.1", api_key: str | None = None,
+                          admin_api_key: str | None = None, ready_timeout: float = 60.0,
+                          **engine_kwargs: Any) -> EmbeddedServerHandle:
+    """Load ``model_dir`` and serve it from a background thread of this process.
+
+    ``port=0`` binds a free port (no race: the socket is bound before uvicorn starts).
+    ``engine_kwargs`` go to :class:`EngineConfig` (device, dtype, max_batch_size, ...).
+    """
+    import uvicorn
+
+    engine = EmbeddedEngine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
+    app = create_app(engine, api_key=api_key, admin_api_key=admin_api_key)
+    sock = _bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.install_signal_handlers = lambda: None  # not the main thread
+
+    def serve() -> None:
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        finally:
+            sock.close()
+            app.state.control_pool.shutdown(wait=False, cancel_futures=True)
+
+    thread = threading.Thread(target=serve, name=f"embedded-server-{bound_port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            engine.shutdown()
+            raise RuntimeError(f"embedded server on port {bound_port} did not start within {ready_timeout:.0f} s")
+        time.sleep(0.01)
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    handle = EmbeddedServerHandle(url=f"http://{url_host}:{bound_port}", engine=engine, _server=server, _thread=thread)
+    logger.info("embedded server for %s at %s", model_dir, handle.url)
+    return handle
+
+
+def start_embedded_server_process(model_dir: str | Path, port: int, host: str = "127.0.0.1",
+                                  extra_args: list[str] | None = None, log_path: str | Path | None = None,
+                                  ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> EmbeddedServerHandle:
+    """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait for ``/health``."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "scope_megatron.rollout.embedded_server", "--model", str(model_dir),
+           "--host", host, "--port", str(port), *(extra_args or [])]
+    # spinning OpenMP threads starve the server's own threads on small CPU boxes
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
+    log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+    if log_path:
+        log_file.close()
+    url = f"http://{host}:{port}"
+    handle = EmbeddedServerHandle(url=url, process=proc, log_path=Path(log_path) if log_path else None)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if proc.poll() is not None:
+            tail = Path(log_path).read_text(errors="replace")[-2000:] if log_path else ""
+            raise RuntimeError(f"embedded server exited with code {proc.returncode} before becoming ready\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                return handle
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            handle.stop()
+            raise RuntimeError(f"embedded server at {url} not healthy within {ready_timeout:.0f} s")
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
