@@ -133,10 +133,13 @@ def _owner_stage(pm: ParamMap, arch: ModelArch, pp: int) -> int:
 
 
 @torch.no_grad()
-def export_hf_tensors(model: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every HF tensor of the model, full and unpadded, on every rank (a collective).
+def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on every rank (a collective).
 
-    All ranks must consume the generator to the end. Memory: one full tensor at a time.
+    ``dtype`` defaults to the model's ``params_dtype`` (megatron keeps some norms in fp32 even in
+    a bf16 model; they are cast back). All ranks must consume the generator to the end.
+    Memory: one full tensor at a time.
     """
     from megatron.core import parallel_state as ps
 
@@ -152,6 +155,7 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch) -> Iterator[tuple
             continue  # the embedding is exported; the last stage's tied copy equals it
         local_params[pm.megatron_name] = (pm, param)
     device = next(model.parameters()).device
+    out_dtype = dtype or model.config.params_dtype
     for pm in param_maps(arch):
         owner = _owner_stage(pm, arch, pp)
         full = None
@@ -163,18 +167,13 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch) -> Iterator[tuple
                 dist.all_gather(shards, data.contiguous(), group=tp_group)
             else:
                 shards = [data] * tp
-            full = merge_shards(pm, shards, arch.vocab_size)
+            full = merge_shards(pm, shards, arch.vocab_size).to(out_dtype)
         if pp > 1:
-            shape = _global_shape(arch, pm)
             if full is None:
-                full = torch.empty(shape, dtype=_param_dtype(model), device=device)
+                full = torch.empty(_global_shape(arch, pm), dtype=out_dtype, device=device)
             dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
         for hf_name, tensor in zip(pm.hf_names, global_to_hf(arch, pm, full)):
             yield hf_name, tensor
-
-
-def _param_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _global_shape(arch: ModelArch, pm: ParamMap) -> tuple[int, ...]:
