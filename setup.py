@@ -23,11 +23,12 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "pyarrow",  # parquet prompt data
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "sglang": ["sglang", "sglang-router"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "msgspec"],
     },
     entry_points={"console_scripts": ["scope-megatron=scope_megatron.cli:main"]},
 )

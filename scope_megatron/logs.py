@@ -25,7 +25,15 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)
+    try:  # transformers' per-load progress bars say nothing in our logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
     for name in ("megatron.core.dist_checkpointing", "megatron.core.utils", "megatron.core.optimizer",
                  "megatron.core.distributed", "megatron.core.transformer"):

@@ -51,15 +51,13 @@ def init_distributed() -> None:
     """Initialise the default process group once (torchrun env, or a single local rank)."""
     if dist.is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:  # a plain process: a group of one on a free local port (the environment is left alone)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:

@@ -45,3 +45,15 @@ def converted_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = (hf_dir, ckpt)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when CUDA is absent (they run on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

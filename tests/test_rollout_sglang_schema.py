@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _wheel() -> str | None:
-    candidates = [os.environ.get("SGLANG_WHEEL", "")] + sorted(glob.glob("/tmp/sglang_wheel/sglang-0.5.23-*.whl")) + \
-        sorted(glob.glob("/tmp/sglang-0.5.23-*.whl"))
+    repo_wheels = os.path.join(os.path.dirname(__file__), os.pardir, ".venv", "wheels")  # scripts/setup.sh puts it here
+    candidates = [os.environ.get("SGLANG_WHEEL", "")] + sorted(glob.glob(f"{repo_wheels}/sglang-0.5.23-*.whl")) + \
+        sorted(glob.glob("/tmp/sglang_wheel/sglang-0.5.23-*.whl")) + sorted(glob.glob("/tmp/sglang-0.5.23-*.whl"))
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
