@@ -164,3 +164,16 @@ def test_existing_output_is_refused_and_untouched(converted_models, tmp_path):
     proc = run_module("checkpoints_tools.hf_to_megatron", "--hf", str(hf_dir), "--out", str(out))
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_conversion_split_over_torchrun_ranks(converted_models, tmp_path):
+    """hf_to_megatron --tp 2 under torchrun writes the same checkpoint content as one process."""
+    hf_dir, _ = converted_models["qwen2"]
+    ckpt, out = tmp_path / "ckpt_tp2", tmp_path / "out"
+    proc = run_module("checkpoints_tools.hf_to_megatron", "--hf", str(hf_dir), "--out", str(ckpt), "--tp", "2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("checkpoints_tools.megatron_to_hf", "--ckpt", str(ckpt), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original, exported = _all_tensors(hf_dir), _all_tensors(out)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(exported[n], t) for n, t in original.items())
