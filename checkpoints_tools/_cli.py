@@ -22,6 +22,20 @@ logger = logging.getLogger("checkpoints_tools")
 INPUT_ERRORS = (UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError, ValueError)
 
 
+def tool_command(module: str, *args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) that run ``python -m module args``, or torchrun with ``nproc`` local ranks, as a user would.
+
+    The environment drops any torch.distributed variables of the calling process.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", module, *args], env
+    return [sys.executable, "-m", module, *args], env
+
+
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun when > 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (run under torchrun when > 1)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
@@ -37,13 +36,10 @@ def arithmetic_examples(n: int, seed: int) -> list[str]:
 
 
 def _run_tool(module: str, *args: str, nproc: int = 1) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    from checkpoints_tools._cli import tool_command
+
+    cmd, env = tool_command(module, *args, nproc=nproc)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise SystemExit(f"demo: {module} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -55,14 +55,29 @@ def _as_list(model) -> list[torch.nn.Module]:
     return model if isinstance(model, list) else [model]
 
 
+def _run_schedule(model, forward_step, micro_batches: list[MicroBatch], *, forward_only: bool,
+                  collect_non_loss_data: bool = False) -> list[Any]:
+    """megatron's forward_backward_func over ``micro_batches`` (each may have its own [b, s])."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=_as_list(model),
+        num_microbatches=len(micro_batches),
+        seq_length=max(mb.tokens.shape[1] for mb in micro_batches),  # sizes p2p buffers only
+        micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+        forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
+    )
+
+
 def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | None = None) -> list[Any]:
     """Forward-only pass; on the last pipeline stage return ``output_fn(logits, mb)`` per micro-batch.
 
     Without ``output_fn`` the raw vocab-parallel logits [b, s, V_padded / TP] are returned.
     Other stages return an empty list.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     device = _device()
 
     def forward_step(data_iterator, chunk):
@@ -72,18 +87,9 @@ def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | No
             return logits, None
         return logits, lambda out, non_loss_data=True: output_fn(out, mb)
 
-    chunks = _as_list(model)
     with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
-            forward_only=True,
-            collect_non_loss_data=output_fn is not None,
-        )
+        return _run_schedule(model, forward_step, micro_batches, forward_only=True,
+                             collect_non_loss_data=output_fn is not None)
 
 
 @dataclass
@@ -114,7 +120,6 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     summed loss and the reports, reduced over micro-batches and DP ranks.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     chunks = _as_list(model)
     device = _device()
@@ -134,15 +139,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-        micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
-        forward_only=False,
-    )
+    reports = _run_schedule(chunks, forward_step, micro_batches, forward_only=False)
     learning_rate = optimizer.param_groups[0]["lr"]
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,9 @@ MODEL_CASES = [
 
 def run_module(module: str, *args: str, timeout: float = 300, nproc: int = 1) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` (or torchrun with ``nproc`` ranks) as a user would; capture output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
+    from checkpoints_tools._cli import tool_command
+
+    cmd, env = tool_command(module, *args, nproc=nproc)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
