@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 import torch
 
+from tests.rollout_utils import wait_until_decoding
 from scope_megatron.rollout.embedded_server import start_embedded_server
 from scope_megatron.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
 
@@ -38,16 +38,6 @@ def reference(model_dir):
         with torch.no_grad():
             return model(torch.tensor([ids])).logits[0].float()
     return logits
-
-
-def wait_until_decoding(engine, timeout=30.0):
-    """Block until the engine has a running request with some output tokens."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r.output_ids for r in list(engine._running)):
-            return
-        time.sleep(0.005)
-    raise TimeoutError("no request started decoding")
 
 
 def post(server, body, status=200, **kw):

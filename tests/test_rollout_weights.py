@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from scope_megatron.rollout.protocol import SamplingParams
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
 from scope_megatron.tiny_models import save_tiny_hf_model
 from tests.dist_utils import run_ranks
+from tests.rollout_utils import wait_until_decoding
 
 pytestmark = pytest.mark.timeout(180)
 PROMPT, RESPONSE = [1, 20, 30, 40, 50], [60, 61, 62, 63, 64, 65]
@@ -40,16 +40,6 @@ def reference_logprobs(model_dir, ids, temperature=1.0, cast=None):
                 p.copy_(p.to(cast).float())
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float() / temperature, dim=-1)
-
-
-def wait_until_decoding(engine, timeout=30.0):
-    """Block until the engine has a running request with some output tokens."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r.output_ids for r in list(engine._running)):
-            return
-        time.sleep(0.005)
-    raise TimeoutError("no request started decoding")
 
 
 def response_logprobs(ref, prompt, response):
