@@ -21,11 +21,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 def quiet_third_party() -> None:
     """Silence warnings that say nothing to our users (no Apex/TE on CPU, GPTModel deprecation)."""
     for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    ".*deprecat.*", "No CUDA runtime", "torch.distributed is disabled"):
+                    ".*deprecat.*", "No CUDA runtime", "torch.distributed is disabled",
+                    "The argument order of load has been changed"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)
     try:  # transformers' per-load progress bars say nothing in our logs
