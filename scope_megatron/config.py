@@ -1,0 +1,439 @@
+"""The one typed configuration of a SCOPE training run.
+
+A run is configured by a YAML file plus ``key=value`` overrides on the command line::
+
+    torchrun ... -m scope_megatron.train --config configs/tiny_cpu.yaml steps=10 rollout.group_size=4
+
+Every section is a dataclass below; unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the field (``rollout.group_size: must be >= 1, got 0``). Override
+values are parsed as YAML scalars / flow lists (``a.b=[1,2]``, ``x=null``, ``y=true``). The
+resolved config is printed on rank 0 and written to ``RUN_DIR/config.yaml``.
+
+``docs/training.md`` is the field reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or out of range; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"config field {field_name!r}: {message}")
+        self.field = field_name
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass
+class ModelConfig:
+    student: str = ""                    # converted checkpoint dir (scope_megatron.json) or HF dir
+    dtype: str = "auto"                  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    layer_impl: str = "auto"             # auto | te | local | local_sdpa
+    recompute: bool = False              # full activation recomputation
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    micro_batch_size: int = 4            # trajectories per micro-batch (per DP rank)
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class DataConfig:
+    paths: list = field(default_factory=list)   # .jsonl / .parquet prompt files
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    id_key: Optional[str] = "id"
+    prompt_format: str = "paper"         # paper | reference_code
+    max_prompt_tokens: Optional[int] = 4096
+    limit: Optional[int] = None
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 256          # B
+    group_size: int = 8                  # G
+    max_new_tokens: int = 12288
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = -1
+    seeded: bool = True                  # sampling_seed from (seed, step, prompt, sample): reproducible
+    student_urls: list = field(default_factory=list)  # worker URLs; empty: embedded engine
+    student_router_url: Optional[str] = None
+    api_key: Optional[str] = None
+    max_concurrency: int = 256
+    request_timeout_s: float = 3600.0
+    max_retries: int = 3
+    retry_backoff_s: float = 0.5
+    embedded_device: Optional[str] = None        # None: cuda when available
+    embedded_max_batch_size: int = 32
+
+
+@dataclass
+class TeacherConfig:
+    model: str = ""                      # HF dir, for the embedded teacher
+    urls: list = field(default_factory=list)     # teacher workers; empty: embedded engine
+    router_url: Optional[str] = None
+    max_concurrency: int = 256
+    embedded_device: Optional[str] = None
+    embedded_max_batch_size: int = 32
+
+
+@dataclass
+class AlgorithmConfig:
+    preset: str = "scope"                # a preset of objective.ObjectiveConfig (scope, opd, grpo, ...)
+    tau: Optional[float] = None          # None = the preset's value (scope: 1.0)
+    normalize: Optional[str] = None      # mean1 | sum1
+    student_sign: Optional[str] = None   # paper | reversed
+    teacher_sign: Optional[str] = None
+    student_uniform: Optional[bool] = None
+    teacher_uniform: Optional[bool] = None
+    mle_coef: Optional[float] = None
+    kl_coef: Optional[float] = None
+    aggregation: Optional[str] = None    # ref_token_mean | path_token_mean | token_mean | paper_token_sum
+    clip_eps: Optional[float] = None
+    mle_form: Optional[str] = None       # ratio | nll
+    sampled_kl_coef: Optional[float] = None
+    grpo_kl_beta: Optional[float] = None
+    # student log-probs (old and current) from logits / rollout temperature (the reference code)
+    scale_logits_by_rollout_temperature: bool = True
+    updates_per_batch: int = 1           # optimizer steps per rollout batch (>1: set clip_eps)
+    filter_uniform_groups: bool = False  # drop all-correct / all-wrong groups (DAPO-style; off in SCOPE)
+    reward_workers: int = 2
+    reward_timeout_s: float = 10.0
+    # "package.module:function" (text, gold, truncated) -> reward in [0, 1], instead of math-verify
+    reward_function: Optional[str] = None
+
+    def objective_overrides(self) -> dict[str, Any]:
+        keys = ("tau", "normalize", "student_sign", "teacher_sign", "student_uniform", "teacher_uniform",
+                "mle_coef", "kl_coef", "aggregation", "clip_eps", "mle_form", "sampled_kl_coef", "grpo_kl_beta")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"     # constant | linear | cosine
+    min_lr: float = 0.0
+
+
+@dataclass
+class SyncConfig:
+    transport: str = "distributed"       # distributed (NCCL on GPU, gloo on CPU) | disk
+    bucket_mb: float = 512.0
+    disk_dir: Optional[str] = None       # disk transport: a path the engines can read (default RUN_DIR/weight_sync)
+    flattened_bucket: bool = False
+    master_address: str = "127.0.0.1"    # address of rank 0 as the engines see it
+    verify: bool = True                  # score a probe on the engine after each sync and compare
+    verify_tolerance: Optional[float] = None   # max |lp_engine - lp_trainer|; None: 1e-3 fp32, 0.1 bf16
+    probe_tokens: int = 16
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None            # default RUN_DIR/checkpoints
+    every: int = 50                      # save every K steps (0: only at the end / on SIGTERM)
+    keep_last: int = 3                   # keep the last M (0: keep all)
+    resume: Optional[str] = None         # None | latest | a checkpoint directory
+    save_at_end: bool = True
+    export_hf_steps: list = field(default_factory=list)  # steps to export as HF (RUN_DIR/hf/step_N)
+    export_hf_every: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    tqdm: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: from the GPU name (CPU: 0.1 nominal)
+    level: str = "INFO"
+
+
+@dataclass
+class FaultConfig:
+    max_nonfinite_steps: int = 3         # abort after this many skipped NaN/inf steps (total)
+    max_empty_steps: int = 10            # abort after this many consecutive all-filtered steps
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/scope"
+    steps: int = 100
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    # -------------------------------------------------------------- derived paths
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
+    @property
+    def embedded_student(self) -> bool:
+        return not self.rollout.student_urls
+
+    @property
+    def embedded_teacher(self) -> bool:
+        return not self.teacher.urls
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def objective_config(self):
+        """The objective module's ObjectiveConfig (preset + overrides), validated."""
+        from .objective import ObjectiveConfig
+
+        try:
+            return ObjectiveConfig.preset(self.algorithm.preset, **self.algorithm.objective_overrides())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("algorithm", str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------------------ building
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check/convert ``value`` against annotation ``tp`` (str annotations already resolved)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(name, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(name, f"expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str) and value:
+            return [value]
+        raise ConfigError(name, f"expected a list, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    raise ConfigError(name, f"unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(full, f"unknown field{hint}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            full = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(full, data[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.field=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, "empty key in override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from exc
+    return key.split("."), value
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(path[:i + 1]), "is not a section; cannot set a field inside it")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``overrides``, build and validate the :class:`Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(str(p), "the top level must be a mapping")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain dict (e.g. a saved config.yaml)."""
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(name, message)
+
+
+def _choice(value: Any, name: str, choices: tuple) -> None:
+    _require(value in choices, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def validate(c: Config) -> None:
+    """Range and consistency checks; each error names its field."""
+    _require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}")
+    _require(bool(c.run_dir), "run_dir", "must be set")
+    _require(bool(c.model.student), "model.student", "must name a converted checkpoint or an HF directory")
+    _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
+    _choice(c.model.layer_impl, "model.layer_impl", ("auto", "te", "local", "local_sdpa"))
+    for name in ("tp", "pp", "micro_batch_size"):
+        value = getattr(c.parallel, name)
+        _require(value >= 1, f"parallel.{name}", f"must be >= 1, got {value}")
+    _require(bool(c.data.paths), "data.paths", "must list at least one prompt file")
+    _choice(c.data.prompt_format, "data.prompt_format", ("paper", "reference_code"))
+    if c.data.max_prompt_tokens is not None:
+        _require(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
+    r = c.rollout
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    _require(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _require(math.isfinite(r.temperature) and r.temperature > 0, "rollout.temperature",
+             f"must be > 0 (the student log-probs divide by it), got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", f"must be -1 (all) or >= 1, got {r.top_k}")
+    _require(r.max_concurrency >= 1, "rollout.max_concurrency", "must be >= 1")
+    _require(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")
+    _require(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
+    _require(r.embedded_max_batch_size >= 1, "rollout.embedded_max_batch_size", "must be >= 1")
+    if len(r.student_urls) > 1:
+        _require(r.student_router_url is not None, "rollout.student_router_url",
+                 f"{len(r.student_urls)} student workers need a router URL for generation")
+    if c.embedded_teacher:
+        _require(bool(c.teacher.model), "teacher.model", "set an HF directory (embedded teacher) or teacher.urls")
+    if len(c.teacher.urls) > 1:
+        _require(c.teacher.router_url is not None, "teacher.router_url",
+                 f"{len(c.teacher.urls)} teacher workers need a router URL")
+    a = c.algorithm
+    _require(a.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
+    _require(a.reward_workers >= 1, "algorithm.reward_workers", "must be >= 1")
+    _require(a.reward_timeout_s > 0, "algorithm.reward_timeout_s", "must be > 0")
+    if a.reward_function is not None:
+        _require(":" in a.reward_function, "algorithm.reward_function", "must look like package.module:function")
+    objective = c.objective_config()
+    if a.updates_per_batch > 1 and objective.clip_eps is None:
+        raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
+    _require(objective.topk_kl == "none", "algorithm", "top-k KL is not wired into the training loop yet")
+    o = c.optimizer
+    _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0: no clipping)")
+    _require(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", "must be >= 0")
+    _choice(o.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
+    s = c.sync
+    _choice(s.transport, "sync.transport", ("distributed", "disk"))
+    _require(s.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
+    _require(s.probe_tokens >= 1, "sync.probe_tokens", "must be >= 1")
+    if s.verify_tolerance is not None:
+        _require(s.verify_tolerance > 0, "sync.verify_tolerance", "must be > 0")
+    k = c.checkpoint
+    _require(k.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(k.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    _require(k.export_hf_every >= 0, "checkpoint.export_hf_every", "must be >= 0")
+    for i, step in enumerate(k.export_hf_steps):
+        _require(isinstance(step, int) and step >= 1, f"checkpoint.export_hf_steps[{i}]", f"must be a step >= 1, got {step!r}")
+    _choice(c.logging.level, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _require(c.faults.max_nonfinite_steps >= 0, "faults.max_nonfinite_steps", "must be >= 0")
+    _require(c.faults.max_empty_steps >= 1, "faults.max_empty_steps", "must be >= 1")
+
+
+def check_world(c: Config, world_size: int) -> None:
+    """Checks that need the world size (torchrun's)."""
+    mp = c.parallel.tp * c.parallel.pp
+    _require(world_size % mp == 0, "parallel", f"world size {world_size} is not divisible by tp*pp = "
+                                               f"{c.parallel.tp}*{c.parallel.pp}")

@@ -1,0 +1,224 @@
+"""Rank 0's controller: rollouts from the student engines, teacher scoring, rewards, one batch.
+
+Per step (:meth:`RolloutController.collect`), all concurrently on one asyncio loop:
+
+- G samples of each of the B prompts are requested from the student engine (one request per
+  sample, so a router can spread them); with ``rollout.seeded`` each sample gets the sampling
+  seed ``hash(seed, step, prompt index, sample)``, so a resumed run draws the same responses;
+- each response is sent to the teacher for teacher-forced scoring **as soon as it arrives**
+  (overlapping generation: the paper measured teacher scoring at a third of its step);
+- when a prompt's G responses are in, their rewards run in the math-verify process pool
+  (also overlapping the remaining generation and scoring).
+
+An engine that fails after the client's retries (connection refused, 5xx, timeout, a
+malformed answer, an aborted request) raises :class:`EngineFailure` naming the engine, the
+role and the cause; the other requests of the step are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def load_function(spec: str) -> Any:
+    """``package.module:function`` -> the function."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"algorithm.reward_function={spec!r} cannot be loaded: {exc}") from exc
+
+
+class EngineFailure(RuntimeError):
+    """A student or teacher engine failed (after retries); the step cannot complete."""
+
+
+@dataclass
+class Trajectory:
+    """One sampled response with everything the trainer needs (plain lists: cheap to broadcast)."""
+
+    group: int                 # prompt position in this step's batch (0..B-1)
+    prompt_index: int          # dataset index of the prompt
+    sample: int                # 0..G-1
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    teacher_logprobs: list[float]
+    reward: float
+    reward_status: str
+    finish: str                # stop | length | abort
+    weight_version: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.reward > 0.5
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish == "length"
+
+
+@dataclass
+class RolloutBatch:
+    """What rank 0 broadcasts to every rank each step."""
+
+    step: int
+    trajectories: list[Trajectory]
+    timings: dict[str, float] = field(default_factory=dict)
+    weight_versions: list[str] = field(default_factory=list)
+
+
+def sampling_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
+    """A 48-bit seed from (run seed, step, prompt, sample): reproducible across restarts."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{prompt_index}/{sample}".encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "little")
+
+
+class RolloutController:
+    """Drives the student and teacher engines for one step at a time (rank 0 only)."""
+
+    def __init__(self, *, student_url: str, teacher_url: str, group_size: int, sampling: Any, seed: int,
+                 seeded: bool, tokenizer: Any, reward_pool: Any, loop: Any, api_key: str | None = None,
+                 max_concurrency: int = 256, teacher_max_concurrency: int = 256, request_timeout_s: float = 3600.0,
+                 max_retries: int = 3, retry_backoff_s: float = 0.5, reward_function: Any = None):
+        from ..rollout.client import SGLangClient
+
+        self.student_url = student_url
+        self.teacher_url = teacher_url
+        self.group_size = group_size
+        self.sampling = sampling
+        self.seed = seed
+        self.seeded = seeded
+        self.tokenizer = tokenizer
+        self.reward_pool = reward_pool
+        self.reward_function = reward_function
+        self.loop = loop
+        common = dict(api_key=api_key, timeout_s=request_timeout_s, max_retries=max_retries,
+                      backoff_initial_s=retry_backoff_s, retry_on_timeout=False)
+        self.student = SGLangClient(student_url, max_concurrency=max_concurrency, **common)
+        self.teacher = SGLangClient(teacher_url, max_concurrency=teacher_max_concurrency, **common)
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            await self.student.aclose()
+            await self.teacher.aclose()
+        try:
+            self.loop.run(close_all(), timeout=10)
+        except Exception:  # closing is best effort
+            pass
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Wait until both engines answer /health."""
+        async def both() -> None:
+            await asyncio.gather(self.student.wait_ready(timeout_s), self.teacher.wait_ready(timeout_s))
+        self.loop.run(both())
+
+    # ------------------------------------------------------------------ one step
+    def collect(self, step: int, records: Sequence[Any]) -> RolloutBatch:
+        """Rollouts, teacher log-probs and rewards for ``records`` (PromptRecord); raises EngineFailure."""
+        return self.loop.run(self._collect(step, list(records)))
+
+    async def _collect(self, step: int, records: list[Any]) -> RolloutBatch:
+        from ..rollout.client import SGLangError
+        from ..rollout.rewards import RewardResult
+
+        start = time.monotonic()
+        marks = {"generate_end": start, "teacher_first": None, "teacher_end": start, "reward_end": start}
+
+        async def generate(rec: Any, sample: int):
+            sampling = self.sampling
+            if self.seeded:
+                sampling = sampling.replace(sampling_seed=sampling_seed(self.seed, step, rec.index, sample))
+            try:
+                result = await self.student.generate(rec.prompt_ids, sampling, return_logprob=True)
+            except SGLangError as exc:
+                raise EngineFailure(f"student engine {self.student_url} failed while generating (step {step}): "
+                                    f"{exc}") from exc
+            if result.aborted:
+                raise EngineFailure(f"student engine {self.student_url} aborted a request (step {step}): "
+                                    f"{result.finish_reason.message or result.finish_reason.raw}")
+            marks["generate_end"] = max(marks["generate_end"], time.monotonic())
+            return result
+
+        async def score(rec: Any, result: Any) -> list[float]:
+            if not result.output_ids:
+                return []
+            if marks["teacher_first"] is None:
+                marks["teacher_first"] = time.monotonic()
+            try:
+                scored = await self.teacher.score(rec.prompt_ids, result.output_ids)
+            except SGLangError as exc:
+                raise EngineFailure(f"teacher engine {self.teacher_url} failed while scoring (step {step}): "
+                                    f"{exc}") from exc
+            marks["teacher_end"] = max(marks["teacher_end"], time.monotonic())
+            return scored.token_logprobs
+
+        async def sample_and_score(tg: asyncio.TaskGroup, rec: Any, sample: int):
+            result = await generate(rec, sample)
+            return result, tg.create_task(score(rec, result))  # teacher starts now, overlapping generation
+
+        async def group(tg: asyncio.TaskGroup, gi: int, rec: Any) -> list[Trajectory]:
+            pairs = await asyncio.gather(*(sample_and_score(tg, rec, s) for s in range(self.group_size)))
+            results = [r for r, _ in pairs]
+            texts = [r.text if r.text is not None else self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+                     for r in results]
+            truncated = [r.truncated for r in results]
+            if self.reward_function is not None:
+                rewards = [RewardResult(float(self.reward_function(text, rec.answer, trunc)), "custom")
+                           for text, trunc in zip(texts, truncated)]
+                rewards = [RewardResult(r.reward, "correct" if r.reward > 0.5 else "wrong") for r in rewards]
+            else:
+                rewards = await self.reward_pool.score_async(texts, [rec.answer] * len(texts), truncated)
+            marks["reward_end"] = max(marks["reward_end"], time.monotonic())
+            teacher = [await t for _, t in pairs]
+            return [Trajectory(group=gi, prompt_index=rec.index, sample=s, prompt_ids=list(rec.prompt_ids),
+                               response_ids=list(r.output_ids), rollout_logprobs=list(r.output_logprobs or []),
+                               teacher_logprobs=list(lp), reward=float(rw.reward), reward_status=rw.status,
+                               finish=r.finish_reason.type, weight_version=r.weight_version)
+                    for s, (r, lp, rw) in enumerate(zip(results, teacher, rewards))]
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                group_tasks = [tg.create_task(group(tg, gi, rec)) for gi, rec in enumerate(records)]
+        except BaseExceptionGroup as eg:
+            first = _first_leaf(eg)
+            raise first from None
+        trajectories = [t for task in group_tasks for t in task.result()]
+        end = time.monotonic()
+        generate_end = marks["generate_end"]
+        timings = {
+            "time/generate": generate_end - start,
+            "time/teacher_total": (marks["teacher_end"] - marks["teacher_first"]) if marks["teacher_first"] else 0.0,
+            "time/teacher_tail": max(0.0, marks["teacher_end"] - generate_end),
+            "time/reward_tail": max(0.0, marks["reward_end"] - generate_end),
+            "time/rollout": end - start,
+        }
+        versions = sorted({t.weight_version for t in trajectories if t.weight_version is not None})
+        return RolloutBatch(step=step, trajectories=trajectories, timings=timings, weight_versions=versions)
+
+
+def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
+    """The first non-group exception (EngineFailure preferred) of a (nested) exception group."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for leaf in leaves:
+        if isinstance(leaf, EngineFailure):
+            return leaf
+    return leaves[0]

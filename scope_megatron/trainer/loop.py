@@ -1,0 +1,554 @@
+"""The SCOPE training loop (every rank runs :meth:`Trainer.run`; global rank 0 also controls).
+
+One step:
+
+1. rank 0 draws B prompts and :class:`~.controller.RolloutController` collects G rollouts each,
+   teacher log-probs (overlapped) and rewards; the batch (or the error) is broadcast over a
+   gloo control group with a long timeout (generation can take many minutes);
+2. every rank builds the global per-trajectory tensors and its DP share of micro-batches
+   (:mod:`.batching`), recomputes lp_old with a forward-only pass through megatron's schedule,
+   and all-reduces the per-trajectory means;
+3. ``plan_batch`` (routing, Eq. 4/5 weights, global denominators) and ``train_step`` with
+   ``objective_loss`` per micro-batch (megatron's forward_backward_func, DDP, distributed
+   optimizer, clipping, LR schedule); a step whose gradient norm is NaN/inf is skipped and
+   counted (:class:`GuardedOptimizer`), and too many abort the run;
+4. weight sync to the student engines (``weight_version = step``) with the probe check;
+5. metrics; a checkpoint every K steps; HF exports at chosen steps.
+
+Stopping: SIGTERM / Ctrl-C set a flag that every rank checks (agreed by an all-reduce) at the
+next step boundary: checkpoint, engines stopped, exit 0. A failing engine or sync ends the run
+with :class:`TrainingAborted` (exit 1) and leaves the last checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, check_world
+from .batching import StepData, build_step_data
+from .checkpointing import export_hf, load_checkpoint, resolve_resume, save_checkpoint
+from .controller import EngineFailure, RolloutBatch, load_function
+from .metrics import MetricsLogger, peak_tflops, training_flops
+from .weight_sync import Probe, SyncError, WeightSync, make_probe
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot continue (engine failure, failed sync, too many bad steps)."""
+
+
+class GuardedOptimizer:
+    """Wraps megatron's optimizer: computes the global grad norm first and skips the update
+    (``update_successful=False``) when it is NaN/inf, so a bad batch never reaches the weights.
+    Everything else is delegated."""
+
+    def __init__(self, optimizer: Any):
+        self._optimizer = optimizer
+        self.last_skipped = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+    @property
+    def param_groups(self):
+        return self._optimizer.param_groups
+
+    def step(self):
+        self.last_skipped = False
+        found_inf = self._optimizer.prepare_grads()  # idempotent for fp32 / bf16 (no loss scaling)
+        norm = None if found_inf else self._optimizer.get_grad_norm()
+        if found_inf or norm is None or not math.isfinite(float(norm)):
+            self.last_skipped = True
+            return False, float("nan") if norm is None else norm, None
+        return self._optimizer.step()
+
+
+class Trainer:
+    def __init__(self, config: Config, config_yaml: str):
+        self.cfg = config
+        self.config_yaml = config_yaml
+        self.stop_signal: int | None = None
+        self.servers: list[Any] = []
+        self.controller = None
+        self.reward_pool = None
+        self.loop = None
+        self.weight_sync: WeightSync | None = None
+        self.metrics: MetricsLogger | None = None
+        self.nonfinite_steps = 0
+        self.empty_steps_in_a_row = 0
+        self.empty_steps_total = 0
+        self.last_saved_step = -1
+        self._engine_pool = None
+        self._engine_futures: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _install_signals(self) -> None:
+        def handler(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            logger.warning("received %s: stopping at the end of this step (checkpoint, engines stopped)",
+                           signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def setup(self) -> None:
+        from ..model import checkpoint as model_ckpt
+        from ..model.arch import arch_from_hf_config, load_hf_config
+        from ..model.builder import build_gpt_model
+        from ..megatron_step import wrap_for_training
+        from ..parallel import init_parallel
+
+        cfg = self.cfg
+        self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed)
+        check_world(cfg, self.layout.world_size)
+        self.rank = self.layout.rank
+        self.is_controller = self.rank == 0
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # rank 0 may spend many minutes generating while the others wait: a gloo group with a long timeout
+        self.control_group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
+        self.run_dir = Path(cfg.run_dir)
+        if self.is_controller:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        dist.barrier(group=self.control_group)
+        if cfg.model.dtype == "auto":
+            self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        else:
+            self.dtype = getattr(torch, cfg.model.dtype)
+        if self.is_controller and cfg.embedded_teacher:
+            # the teacher engine loads while the student is built (it needs nothing from the trainer)
+            t = cfg.teacher
+            self._launch_embedded("teacher", (t.model, t.embedded_device, t.embedded_max_batch_size, "default"))
+
+        student = Path(cfg.model.student)
+        if (student / model_ckpt.META_FILE).is_file():
+            self.arch, _ = model_ckpt.read_meta(student)
+            self.hf_side_dir = student / model_ckpt.HF_SUBDIR
+            from_hf = False
+        elif (student / "config.json").is_file():
+            self.arch = arch_from_hf_config(load_hf_config(student))
+            self.hf_side_dir = student
+            from_hf = True
+        else:
+            raise FileNotFoundError(f"model.student={cfg.model.student!r} is neither a converted checkpoint "
+                                    "(scope_megatron.json) nor an HF directory (config.json)")
+        self.model = build_gpt_model(self.arch, params_dtype=self.dtype, impl=cfg.model.layer_impl,
+                                     perform_initialization=False, recompute=cfg.model.recompute)
+        if from_hf:
+            from ..model.hf_io import HFWeightReader, load_hf_into_model
+
+            reader = HFWeightReader(student, self.arch)
+            reader.check_complete()
+            load_hf_into_model(self.model, self.arch, reader)
+        else:
+            model_ckpt.load_model(self.model, student)
+        o = cfg.optimizer
+        updates = cfg.steps * cfg.algorithm.updates_per_batch
+        self.ddp_model, optimizer, self.scheduler = wrap_for_training(
+            self.model, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=updates, min_lr=o.min_lr)
+        self.optimizer = GuardedOptimizer(optimizer)
+        self.objective = cfg.objective_config()
+        self.logprob_temperature = cfg.rollout.temperature if cfg.algorithm.scale_logits_by_rollout_temperature else 1.0
+
+        # resume
+        self.step = 0
+        trainer_state: dict[str, Any] = {}
+        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+        if resume is not None:
+            trainer_state = load_checkpoint(resume, model=self.model, optimizer=optimizer, scheduler=self.scheduler)
+            self.step = int(trainer_state["step"])
+            self.nonfinite_steps = int(trainer_state.get("nonfinite_steps", 0))
+            self.empty_steps_total = int(trainer_state.get("empty_steps_total", 0))
+            self.last_saved_step = self.step
+            logger.info("resumed from %s at step %d", resume, self.step)
+        self.resumed = resume is not None
+        self.engine_version = self.step  # the weight version the student engines serve
+
+        # data (rank 0)
+        self.tokenizer = None
+        probe: Probe | None = None
+        if self.is_controller:
+            from transformers import AutoTokenizer
+
+            from ..rollout.data import PAPER_FORMAT, REFERENCE_CODE_FORMAT, PromptDataConfig, PromptDataset, PromptSampler
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.hf_side_dir)
+            fmt = PAPER_FORMAT if cfg.data.prompt_format == "paper" else REFERENCE_CODE_FORMAT
+            self.dataset = PromptDataset(PromptDataConfig(
+                paths=cfg.data.paths, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
+                id_key=cfg.data.id_key, prompt_format=fmt, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                limit=cfg.data.limit), self.tokenizer)
+            self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
+            if "sampler" in trainer_state:
+                self.sampler.load_state_dict(trainer_state["sampler"])
+            first = self.dataset[0]
+            probe = make_probe(first.prompt_ids, first.answer, self.tokenizer, cfg.sync.probe_tokens)
+        box = [probe]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        self.probe = box[0]
+
+        self._start_engines()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_controller, tensorboard=cfg.logging.tensorboard,
+                                     use_tqdm=cfg.logging.tqdm, total_steps=cfg.steps, start_step=self.step)
+        self.peak = peak_tflops(cfg.logging.peak_tflops)
+
+    def _start_engines(self) -> None:
+        """Embedded engines (rank 0) where no URLs are configured; the weight-sync path; the controller."""
+        cfg = self.cfg
+        student_init = self.run_dir / "engines" / "student_hf"
+        if cfg.embedded_student:
+            # the engine starts from the trainer's current weights (a resumed run: the checkpoint's)
+            export_hf(self.model, self.arch, student_init, self.hf_side_dir)
+        worker_urls = None
+        if self.is_controller:
+            from ..rollout.client import BackgroundLoop
+            from ..rollout.protocol import SamplingParams
+            from ..rollout.rewards import MathRewardPool
+            from .controller import RolloutController
+
+            r, t = cfg.rollout, cfg.teacher
+            if cfg.embedded_student:
+                self._launch_embedded("student", (student_init, r.embedded_device, r.embedded_max_batch_size,
+                                                  str(self.step)))
+            handles = self._wait_embedded()
+            if cfg.embedded_student:
+                worker_urls, student_url = [handles["student"].url], handles["student"].url
+            else:
+                worker_urls = list(r.student_urls)
+                student_url = r.student_router_url or worker_urls[0]
+            teacher_url = handles["teacher"].url if cfg.embedded_teacher else (t.router_url or t.urls[0])
+            self.loop = BackgroundLoop("scope-controller")
+            if not cfg.algorithm.reward_function:
+                self.reward_pool = MathRewardPool(num_workers=cfg.algorithm.reward_workers,
+                                                  timeout_s=cfg.algorithm.reward_timeout_s)
+                self.reward_pool.start()
+            sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                      top_k=r.top_k)
+            self.controller = RolloutController(
+                student_url=student_url, teacher_url=teacher_url, group_size=r.group_size, sampling=sampling,
+                seed=cfg.seed, seeded=r.seeded, tokenizer=self.tokenizer, reward_pool=self.reward_pool, loop=self.loop,
+                api_key=r.api_key, max_concurrency=r.max_concurrency, teacher_max_concurrency=t.max_concurrency,
+                request_timeout_s=r.request_timeout_s, max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
+                reward_function=load_function(cfg.algorithm.reward_function) if cfg.algorithm.reward_function else None)
+            self.controller.wait_ready(timeout_s=600)
+        s = cfg.sync
+        tolerance = s.verify_tolerance or (1e-3 if self.dtype == torch.float32 else 0.25)
+        self.weight_sync = WeightSync(
+            model=self.model, ddp_model=self.ddp_model, arch=self.arch, control_group=self.control_group,
+            engine_urls=worker_urls, transport=s.transport, bucket_bytes=int(s.bucket_mb * 2**20),
+            disk_dir=s.disk_dir or (self.run_dir / "weight_sync"), master_address=s.master_address,
+            flattened_bucket=s.flattened_bucket, timeout_s=s.timeout_s, verify=s.verify, tolerance=tolerance,
+            probe=self.probe, api_key=cfg.rollout.api_key, log_path=self.run_dir / "sync_probe.jsonl",
+            device=self.device)
+        if not cfg.embedded_student:
+            # external servers: make them serve exactly the trainer's weights (a resumed run's included)
+            self.weight_sync.sync(self.step)
+
+    def _launch_embedded(self, role: str, spec: tuple) -> None:
+        """Start an embedded engine as a local server process in the background (rank 0)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..rollout.embedded_server import start_embedded_server_process
+        from ..parallel import free_port
+
+        engines_dir = self.run_dir / "engines"
+        engines_dir.mkdir(parents=True, exist_ok=True)
+        dtype = str(self.dtype).removeprefix("torch.")
+
+        def start() -> Any:
+            model_dir, device, max_batch, version = spec
+            args = ["--dtype", dtype, "--max-batch-size", str(max_batch), "--random-seed", str(self.cfg.seed),
+                    "--weight-version", version, "--log-level", "warning"]
+            if device:
+                args += ["--device", device]
+            handle = start_embedded_server_process(model_dir, free_port(), extra_args=args,
+                                                   log_path=engines_dir / f"{role}.log", ready_timeout=300)
+            (engines_dir / f"{role}.pid").write_text(str(handle.process.pid))
+            logger.info("embedded %s engine (pid %d) at %s", role, handle.process.pid, handle.url)
+            return handle
+
+        if self._engine_pool is None:
+            self._engine_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="engine-start")
+        self._engine_futures[role] = self._engine_pool.submit(start)
+
+    def _wait_embedded(self) -> dict[str, Any]:
+        """Wait for the launched engines; every started one is registered for shutdown."""
+        handles, first_error = {}, None
+        for role, future in list(self._engine_futures.items()):
+            try:
+                handles[role] = future.result()
+                self.servers.append(handles[role])
+            except Exception as exc:
+                first_error = first_error or RuntimeError(f"the embedded {role} engine did not start: {exc}")
+            del self._engine_futures[role]
+        if first_error is not None:
+            raise first_error
+        return handles
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self.setup()
+            while self.step < self.cfg.steps:
+                if self._stop_agreed():
+                    break
+                self.step += 1
+                self._train_one_step(self.step)
+            if self.step > self.last_saved_step and (self.cfg.checkpoint.save_at_end or self.stop_signal is not None):
+                self._save(self.step)
+            if self.stop_signal is not None:
+                logger.warning("stopped by %s after step %d; checkpoint saved", signal.Signals(self.stop_signal).name,
+                               self.step)
+            return 0
+        finally:
+            self.shutdown()
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1 if self.stop_signal is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        if int(flag.item()) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return bool(flag.item())
+
+    def shutdown(self) -> None:
+        """Stop the engines and helpers of this rank (idempotent; also after errors)."""
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        if self.controller is not None:
+            self.controller.close()
+            self.controller = None
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
+        if self._engine_futures:  # engines still starting when setup failed
+            try:
+                self._wait_embedded()
+            except Exception:
+                pass
+        if self._engine_pool is not None:
+            self._engine_pool.shutdown(wait=False)
+            self._engine_pool = None
+        for handle in self.servers:
+            try:
+                handle.stop()
+            except Exception as exc:
+                logger.warning("stopping an engine failed: %s", exc)
+        self.servers.clear()
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    # ------------------------------------------------------------------ one step
+    def _rollouts(self, step: int) -> RolloutBatch:
+        payload: list[Any] = [None]
+        if self.is_controller:
+            records = [self.dataset[i] for i in self.sampler.next_indices(self.cfg.rollout.prompts_per_step)]
+            try:
+                payload[0] = ("ok", self.controller.collect(step, records))
+            except EngineFailure as exc:
+                payload[0] = ("error", str(exc))
+            except Exception as exc:  # anything else on rank 0 must not leave the others waiting
+                payload[0] = ("error", f"rollout failed at step {step}: {type(exc).__name__}: {exc}")
+        dist.broadcast_object_list(payload, src=0, group=self.control_group)
+        status, value = payload[0]
+        if status != "ok":
+            raise TrainingAborted(value)
+        return value
+
+    def _old_logprobs(self, data: StepData) -> torch.Tensor:
+        """lp_old per token (stored in each micro-batch on the last stage) and per-trajectory means [N]."""
+        from megatron.core import parallel_state as ps
+
+        from ..megatron_step import run_forward
+        from ..objective import vocab_parallel_logprobs
+
+        vocab, temperature = self.arch.vocab_size, self.logprob_temperature
+
+        def output_fn(logits, mb):
+            return vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab, temperature=temperature,
+                                           check_finite=False).detach()
+
+        outputs = run_forward(self.ddp_model, data.micro_batches, output_fn)
+        means = torch.zeros(data.num_trajectories, dtype=torch.float64, device=self.device)
+        if outputs:
+            contribute = ps.get_tensor_model_parallel_rank() == 0
+            for mb, lp in zip(data.micro_batches, outputs):
+                lp = lp.cpu()
+                mb.extras["old_lp"] = lp
+                mask = mb.extras["mask"]
+                counts = mask.sum(-1)
+                if contribute:
+                    for i, row in enumerate(mb.extras["rows"].tolist()):
+                        if counts[i] > 0:
+                            means[row] = (lp[i][mask[i]].double().sum() / counts[i]).to(self.device)
+        dist.all_reduce(means)
+        return means.cpu()
+
+    def _loss_fn(self, plan):
+        from ..objective import objective_loss, vocab_parallel_logprobs
+
+        vocab, temperature, objective = self.arch.vocab_size, self.logprob_temperature, self.objective
+
+        def loss_fn(logits, mb):
+            lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab,
+                                                  temperature=temperature, return_entropy=True, check_finite=False)
+            coefficients = plan.select(mb.extras["rows"].cpu()).to(logits.device)
+            out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=mb.extras["mask"],
+                                 old_logprobs=mb.extras["old_lp"], teacher_logprobs=mb.extras["teacher_lp"],
+                                 rollout_logprobs=mb.extras["rollout_lp"], entropy=entropy, check_finite=False)
+            return out.loss, out.metrics
+
+        return loss_fn
+
+    def _train_one_step(self, step: int) -> None:
+        from ..megatron_step import train_step
+        from ..objective import plan_batch
+
+        cfg = self.cfg
+        t_step = time.monotonic()
+        batch = self._rollouts(step)
+        metrics: dict[str, float] = dict(batch.timings)
+        metrics.update(self._batch_metrics(batch, step))
+        data = build_step_data(batch.trajectories, dp=self.layout.dp, dp_rank=self.layout.dp_rank,
+                               micro_batch_size=cfg.parallel.micro_batch_size, pad_id=0,
+                               filter_uniform_groups=cfg.algorithm.filter_uniform_groups)
+        if data is None:
+            self.empty_steps_in_a_row += 1
+            self.empty_steps_total += 1
+            logger.warning("step %d: every group was filtered out (%d trajectories); step skipped", step,
+                           len(batch.trajectories))
+            if self.empty_steps_in_a_row >= cfg.faults.max_empty_steps:
+                raise TrainingAborted(f"{self.empty_steps_in_a_row} consecutive steps had no usable trajectory "
+                                      f"(faults.max_empty_steps = {cfg.faults.max_empty_steps})")
+            metrics.update({"train/skipped_empty_total": self.empty_steps_total, "time/step": time.monotonic() - t_step})
+            self._finish_step(step, metrics)
+            return
+        self.empty_steps_in_a_row = 0
+        metrics["data/filtered_empty_responses"] = data.dropped["empty_responses"]
+        metrics["data/filtered_uniform_groups"] = data.dropped["uniform_groups"]
+
+        t0 = time.monotonic()
+        student_mean = self._old_logprobs(data)
+        metrics["time/old_logprobs"] = time.monotonic() - t0
+        finite = bool(torch.isfinite(student_mean).all()) and bool(torch.isfinite(data.teacher_logprob_mean).all())
+        updated = False
+        t0 = time.monotonic()
+        if not finite:
+            self._count_nonfinite(step, "non-finite student or teacher log-probs")
+        else:
+            plan = plan_batch(self.objective, group_ids=data.group_ids, response_lengths=data.response_lengths,
+                              correct=data.correct, student_logprob_mean=student_mean.float(),
+                              teacher_logprob_mean=data.teacher_logprob_mean.float(), rewards=data.rewards)
+            metrics.update({f"objective/{k}": v for k, v in plan.metrics.items()})
+            loss_fn = self._loss_fn(plan)
+            for update in range(cfg.algorithm.updates_per_batch):
+                result = train_step(self.ddp_model, self.optimizer, self.scheduler, data.micro_batches, loss_fn)
+                if not result.update_successful or not math.isfinite(result.loss):
+                    self._count_nonfinite(step, f"loss {result.loss}, grad norm {result.grad_norm}")
+                    break
+                updated = True
+                if update == 0:
+                    metrics.update(result.report)
+                    metrics["loss/total"] = result.loss
+                    metrics["train/grad_norm"] = result.grad_norm
+                    metrics["train/lr"] = result.learning_rate
+                    metrics["train/loss_tokens"] = result.num_loss_tokens
+        metrics["time/train"] = time.monotonic() - t0
+        metrics["train/skipped_nonfinite_total"] = self.nonfinite_steps
+        metrics["train/skipped_empty_total"] = self.empty_steps_total
+
+        t0 = time.monotonic()
+        if updated:
+            try:
+                sync = self.weight_sync.sync(step)
+            except SyncError as exc:
+                raise TrainingAborted(str(exc)) from exc
+            self.engine_version = step
+            metrics.update({"sync/seconds": sync.seconds, "sync/transfer_seconds": sync.seconds_transfer,
+                            "sync/bytes": sync.num_bytes, "sync/tensors": sync.num_tensors})
+            if sync.probe_max_abs_diff == sync.probe_max_abs_diff:  # not NaN
+                metrics["sync/probe_max_abs_diff"] = sync.probe_max_abs_diff
+                metrics["sync/probe_mean_abs_diff"] = sync.probe_mean_abs_diff
+        metrics["time/sync"] = time.monotonic() - t0
+
+        # throughput and MFU over the trainer's ranks
+        tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in data.trajectories)
+        step_time = time.monotonic() - t_step
+        flops = training_flops(self.arch.num_parameters, tokens, tokens, cfg.algorithm.updates_per_batch if updated else 0)
+        peak = self.peak * 1e12 * self.layout.world_size
+        metrics["perf/tokens_per_s"] = tokens / max(step_time, 1e-9)
+        metrics["perf/mfu"] = flops / max(step_time * peak, 1e-9)
+        metrics["perf/train_mfu"] = flops / max((metrics["time/old_logprobs"] + metrics["time/train"]) * peak, 1e-9)
+        metrics["perf/tflops_per_device"] = flops / max(step_time, 1e-9) / self.layout.world_size / 1e12
+        metrics["time/step"] = step_time
+        self._finish_step(step, metrics)
+
+    def _count_nonfinite(self, step: int, why: str) -> None:
+        self.nonfinite_steps += 1
+        logger.warning("step %d skipped: %s (%d NaN/inf steps so far)", step, why, self.nonfinite_steps)
+        if self.nonfinite_steps > self.cfg.faults.max_nonfinite_steps:
+            raise TrainingAborted(f"{self.nonfinite_steps} steps with NaN/inf loss or gradients "
+                                  f"(faults.max_nonfinite_steps = {self.cfg.faults.max_nonfinite_steps})")
+
+    def _finish_step(self, step: int, metrics: dict[str, float]) -> None:
+        cfg = self.cfg
+        k = cfg.checkpoint
+        t0 = time.monotonic()
+        if k.every and step % k.every == 0:
+            self._save(step)
+        if step in k.export_hf_steps or (k.export_hf_every and step % k.export_hf_every == 0):
+            export_hf(self.model, self.arch, self.run_dir / "hf" / f"step_{step:08d}", self.hf_side_dir)
+        metrics["time/checkpoint"] = time.monotonic() - t0
+        if self.is_controller:
+            metrics["data/epoch"] = self.sampler.epoch
+        self.metrics.log(step, metrics)
+
+    def _save(self, step: int) -> None:
+        trainer_state = {"nonfinite_steps": self.nonfinite_steps, "empty_steps_total": self.empty_steps_total}
+        if self.is_controller:
+            trainer_state["sampler"] = self.sampler.state_dict()
+        save_checkpoint(self.cfg.checkpoint_dir, step, model=self.model, optimizer=self.optimizer._optimizer,
+                        scheduler=self.scheduler, arch=self.arch, hf_side_dir=self.hf_side_dir, dtype=self.dtype,
+                        trainer_state=trainer_state, config_yaml=self.config_yaml, keep_last=self.cfg.checkpoint.keep_last)
+        self.last_saved_step = step
+        logger.info("checkpoint of step %d written to %s", step, self.cfg.checkpoint_dir)
+
+    def _batch_metrics(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        trajs = batch.trajectories
+        n = max(len(trajs), 1)
+        lengths = [len(t.response_ids) for t in trajs] or [0]
+        metrics = {
+            "reward/mean": sum(t.reward for t in trajs) / n,
+            "reward/accuracy": sum(t.correct for t in trajs) / n,
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/length_max": max(lengths),
+            "response/length_min": min(lengths),
+            "response/truncation_rate": sum(t.truncated for t in trajs) / n,
+            "prompt/length_mean": sum(len(t.prompt_ids) for t in trajs) / n,
+            "rollout/trajectories": len(trajs),
+            "rollout/stale_fraction": sum(t.weight_version != str(self.engine_version) for t in trajs) / n,
+        }
+        for status in ("correct", "wrong", "no_answer", "truncated", "parse_error", "timeout", "error", "crash"):
+            metrics[f"reward/status_{status}"] = sum(t.reward_status == status for t in trajs) / n
+        gen = batch.timings.get("time/generate", 0.0)
+        metrics["perf/rollout_tokens_per_s"] = sum(lengths) / max(gen, 1e-9)
+        return metrics

@@ -1,0 +1,205 @@
+"""Weight sync after each optimizer step: Megatron shards -> HF tensors -> the student engines.
+
+Every rank iterates :func:`scope_megatron.model.hf_io.export_hf_tensors` (a collective: TP
+all-gather and PP broadcast per parameter, HF names and layouts, vocabulary padding
+stripped, the same mapping as ``checkpoints_tools``); global rank 0 feeds the stream to
+:class:`scope_megatron.rollout.weight_transfer.WeightTransfer`, which buckets it
+(``sync.bucket_mb``) and sends it through the broadcast group (NCCL on GPU, gloo on CPU) or
+as safetensors on a shared path, inside pause -> begin -> ... -> end -> continue, with
+``weight_version = step``.
+
+If sending fails on rank 0, rank 0 still drains the stream (so the other ranks' collectives
+complete), then every rank learns the failure through the control group and raises
+:class:`SyncError`.
+
+``sync.verify``: after each sync, a fixed probe (prompt + response tokens) is scored
+teacher-forced by every student worker, and the trainer's own log-probs of the probe (a
+forward-only pass through megatron's schedule, temperature 1, like the engine's prompt
+log-probs) are compared; a difference beyond ``sync.verify_tolerance`` raises SyncError
+("garbled after the first sync" is caught at the step where it happens).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..megatron_step import MicroBatch, run_forward
+
+logger = logging.getLogger(__name__)
+
+
+class SyncError(RuntimeError):
+    """Sending weights to the engines failed, or the engines disagree with the trainer afterwards."""
+
+
+@dataclass
+class Probe:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class SyncResult:
+    seconds: float = 0.0
+    seconds_transfer: float = 0.0
+    num_bytes: int = 0
+    num_tensors: int = 0
+    probe_max_abs_diff: float = float("nan")
+    probe_mean_abs_diff: float = float("nan")
+
+
+def make_probe(prompt_ids: list[int], answer_text: str, tokenizer: Any, probe_tokens: int) -> Probe:
+    """A fixed probe: the first prompt of the data and a short answer-like response."""
+    response = list(tokenizer(f"The answer is \\boxed{{{answer_text}}}.", add_special_tokens=False)["input_ids"])
+    response = (response * (1 + probe_tokens // max(len(response), 1)))[:probe_tokens]
+    return Probe(prompt_ids=list(prompt_ids[-256:]), response_ids=response)
+
+
+def trainer_probe_logprobs(model: Any, probe: Probe, vocab_size: int, device: torch.device) -> list[float]:
+    """The trainer's log p(response | prompt) per response token, at temperature 1, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from ..objective import vocab_parallel_logprobs
+
+    seq = probe.prompt_ids + probe.response_ids
+    tokens = torch.tensor([seq[:-1]], dtype=torch.long)
+    targets = torch.tensor([seq[1:]], dtype=torch.long)
+    mb = MicroBatch(tokens, {"targets": targets}, 0)
+
+    def output_fn(logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        return vocab_parallel_logprobs(logits, micro.extras["targets"], vocab_size=vocab_size,
+                                       check_finite=False).detach()
+
+    outputs = run_forward(model, [mb], output_fn)
+    r = len(probe.response_ids)
+    values = torch.zeros(r, dtype=torch.float64, device=device)
+    if outputs and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        lp = outputs[0][0] if isinstance(outputs[0], torch.Tensor) else outputs[0]
+        start = len(probe.prompt_ids) - 1
+        values = lp.reshape(-1)[start:start + r].to(device=device, dtype=torch.float64)
+    dist.all_reduce(values)
+    return values.tolist()
+
+
+class WeightSync:
+    """Export -> transfer -> verify, called on every rank after each optimizer step."""
+
+    def __init__(self, *, model: Any, ddp_model: Any, arch: Any, control_group: Any, engine_urls: list[str] | None,
+                 transport: str, bucket_bytes: int, disk_dir: str | Path, master_address: str, flattened_bucket: bool,
+                 timeout_s: float, verify: bool, tolerance: float, probe: Probe | None, api_key: str | None,
+                 log_path: Path | None, device: torch.device):
+        self.model = model
+        self.ddp_model = ddp_model
+        self.arch = arch
+        self.control_group = control_group
+        self.verify = verify
+        self.tolerance = tolerance
+        self.probe = probe
+        self.log_path = log_path
+        self.device = device
+        self.engine_urls = list(engine_urls or [])
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.transfer = None
+        self.is_controller = dist.get_rank() == 0
+        if self.is_controller:
+            from ..rollout.weight_transfer import WeightTransfer
+
+            self.transfer = WeightTransfer(self.engine_urls, transport=transport, bucket_bytes=bucket_bytes,
+                                           master_address=master_address, disk_dir=disk_dir,
+                                           flattened_bucket=flattened_bucket, api_key=api_key,
+                                           request_timeout_s=timeout_s, group_timeout_s=min(timeout_s, 600.0))
+
+    def close(self) -> None:
+        if self.transfer is not None:
+            try:
+                self.transfer.close()
+            except Exception as exc:  # engines may be gone already
+                logger.warning("closing the weight transfer failed: %s", exc)
+            self.transfer = None
+
+    def _agree(self, error: str | None) -> None:
+        """Share rank 0's outcome with every rank; raise SyncError everywhere on failure."""
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        if box[0] is not None:
+            raise SyncError(box[0])
+
+    def sync(self, step: int) -> SyncResult:
+        from ..model.hf_io import export_hf_tensors
+
+        result = SyncResult()
+        start = time.monotonic()
+        stream = export_hf_tensors(self.model, self.arch)
+        error = None
+        if self.is_controller:
+            try:
+                stats = self.transfer.update(stream, weight_version=step)
+                result.num_bytes, result.num_tensors = stats.num_bytes, stats.num_tensors
+                result.seconds_transfer = stats.seconds_transfer
+            except Exception as exc:
+                error = (f"weight sync of step {step} to the student engines {self.engine_urls} failed: "
+                         f"{type(exc).__name__}: {exc}")
+                logger.error("%s", error)
+            for _ in stream:  # keep the other ranks' collectives in step
+                pass
+        else:
+            for _ in stream:
+                pass
+        self._agree(error)
+        result.seconds = time.monotonic() - start
+        if self.verify and self.probe is not None:
+            self._verify(step, result)
+        return result
+
+    def _verify(self, step: int, result: SyncResult) -> None:
+        ours = trainer_probe_logprobs(self.ddp_model, self.probe, self.arch.vocab_size, self.device)
+        error = None
+        if self.is_controller:
+            from ..rollout.client import BackgroundLoop, SGLangClient
+
+            records, worst, means = [], [], []
+            loop = BackgroundLoop("verify-sync")
+            try:
+                for url in self.engine_urls:
+                    async def score(u: str = url):
+                        async with SGLangClient(u, api_key=self.api_key, timeout_s=self.timeout_s) as client:
+                            return await client.score(self.probe.prompt_ids, self.probe.response_ids)
+                    try:
+                        theirs = loop.run(score()).token_logprobs
+                    except Exception as exc:
+                        error = f"verify_sync: scoring the probe on {url} failed: {type(exc).__name__}: {exc}"
+                        break
+                    diffs = [abs(a - b) for a, b in zip(theirs, ours)]
+                    max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)
+                    worst.append(max_diff)
+                    means.append(mean_diff)
+                    records.append({"step": step, "engine": url, "engine_logprobs": theirs, "trainer_logprobs": ours,
+                                    "max_abs_diff": max_diff, "prompt_ids": self.probe.prompt_ids,
+                                    "response_ids": self.probe.response_ids})
+                    if not max_diff <= self.tolerance:
+                        error = (f"verify_sync: after the sync of step {step}, engine {url} scores the probe "
+                                 f"differently from the trainer: max |delta log p| = {max_diff:.3g} > tolerance "
+                                 f"{self.tolerance:.3g} (garbled weights? check the HF mapping / dtype)")
+                        break
+            finally:
+                loop.close()
+            if worst:
+                result.probe_max_abs_diff, result.probe_mean_abs_diff = max(worst), max(means)
+            if self.log_path is not None and records:
+                with self.log_path.open("a") as f:
+                    for rec in records:
+                        f.write(json.dumps(rec) + "\n")
+        box = [error, result.probe_max_abs_diff, result.probe_mean_abs_diff]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        result.probe_max_abs_diff, result.probe_mean_abs_diff = box[1], box[2]
+        if box[0] is not None:
+            raise SyncError(box[0])
