@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scope_megatron.demo", "CPU demo: build tiny HF models, convert, check parity, train a step"),
+    "train": ("scope_megatron.train", "SCOPE training run (also: torchrun -m scope_megatron.train)"),
     "serve": ("scope_megatron.rollout.embedded_server", "embedded engine speaking SGLang's HTTP protocol"),
     "eval": ("scope_megatron.evaluation.cli", "Avg@k / Pass@k on math benchmarks (HF dir or SGLang URL)"),
 }

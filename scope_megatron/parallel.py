@@ -41,9 +41,10 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for rendezvous, engines, weight-update groups)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -57,7 +58,7 @@ def init_distributed() -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:  # a plain process: a group of one on a free local port (the environment is left alone)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:

@@ -16,16 +16,10 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from typing import Any, Callable, Sequence
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from scope_megatron.parallel import free_port  # noqa: F401  (tests import it from here too)
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, args: Sequence[Any], results: mp.Queue) -> None:

@@ -19,7 +19,6 @@ import atexit
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 import httpx
+
+from ..parallel import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ def external_endpoints(role: str, worker_urls: Sequence[str], router_url: str | 
     if router_url is None and len(urls) > 1:
         raise ValueError(f"{role}: {len(urls)} workers need a router_url for generation")
     return Endpoints(role=role, url=(router_url or urls[0]).rstrip("/"), worker_urls=urls)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(spec: ServerGroupSpec, host: str, port: int, nccl_port: int, python: str = sys.executable,
@@ -145,7 +140,7 @@ class RolloutServers:
             for spec in self.groups:
                 workers = []
                 for i in range(spec.num_replicas):
-                    port = spec.base_port + i if spec.base_port is not None else _free_port()
+                    port = spec.base_port + i if spec.base_port is not None else free_port()
                     env: dict[str, str] = {}
                     if spec.gpu_ids is not None:
                         ids = list(spec.gpu_ids)[i * spec.tp_size:(i + 1) * spec.tp_size]
@@ -156,7 +151,7 @@ class RolloutServers:
                     if spec.engine == "embedded":
                         env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
                     url = f"http://{self.host}:{port}"
-                    cmd = server_command(spec, self.host, port, _free_port(), self.python, self.api_key)
+                    cmd = server_command(spec, self.host, port, free_port(), self.python, self.api_key)
                     pending.append(self._spawn(f"{spec.role}-{i}", cmd, url, env))
                     workers.append(url)
                 routers.append((spec, workers))
@@ -164,7 +159,7 @@ class RolloutServers:
             for spec, workers in routers:
                 url = workers[0]
                 if len(workers) > 1:
-                    port = spec.router_port or _free_port()
+                    port = spec.router_port or free_port()
                     url = f"http://{self.host}:{port}"
                     router = self._spawn(f"{spec.role}-router", router_command(workers, self.host, port,
                                                                                spec.router_policy, self.python),

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import shutil
-import socket
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..parallel import free_port
 from .client import BackgroundLoop, SGLangClient, SGLangError
 from .dist_group import DEFAULT_GROUP_NAME, destroy_weight_update_group, init_weight_update_group
 from .protocol import dtype_name
@@ -106,12 +106,6 @@ def flatten_bucket(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return buffer
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class WeightTransfer:
     """Push weights from the trainer's rank 0 to one or more SGLang (or embedded) engines.
 
@@ -176,7 +170,7 @@ class WeightTransfer:
         if len(self.tp_sizes) != len(self._clients):
             raise ValueError(f"tp_sizes has {len(self.tp_sizes)} entries for {len(self._clients)} engines")
         world_size = 1 + sum(self.tp_sizes)
-        port = self.master_port or _free_port(self.master_address)
+        port = self.master_port or free_port(self.master_address)
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self._clients))]
         logger.info("creating weight-update group %r: world %d, trainer rank 0 at %s:%d, engine offsets %s",
                     self.group_name, world_size, self.master_address, port, offsets)
