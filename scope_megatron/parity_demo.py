@@ -1,4 +1,4 @@
-"""The CPU demo (``scope-megatron demo``): the foundation end to end on a laptop, in about a minute.
+"""The foundation demo (``scope-megatron parity-demo``): conversion, parity and training in about a minute.
 
 1. builds a tiny Qwen3-architecture HF model and tokenizer (random weights; nothing downloaded);
 2. converts it with ``checkpoints_tools.hf_to_megatron``;
@@ -8,7 +8,7 @@
 5. exports the trained student with ``checkpoints_tools.megatron_to_hf``, loads it with
    transformers and shows its loss on held-out problems before and after.
 
-Everything lands in ``runs/demo-<time>/`` and the paths are printed at the end.
+Everything lands in ``runs/parity-demo-<time>/`` and the paths are printed at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger("scope_megatron.demo")
+logger = logging.getLogger("scope_megatron.parity_demo")
 
 
 def arithmetic_examples(n: int, seed: int) -> list[str]:
@@ -110,7 +110,7 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scope-megatron demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="scope-megatron parity-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="where to write (default: runs/demo-<time>)")
     parser.add_argument("--steps", type=int, default=200, help="training steps")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     start = time.time()
-    run = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run = Path(args.run_dir or f"runs/parity-demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run.mkdir(parents=True, exist_ok=False)
     print(f"[1/5] tiny Qwen3-architecture model -> {run / 'hf'}")
     save_tiny_hf_model(run / "hf", "qwen3", seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
