@@ -112,7 +112,7 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scope-megatron parity-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help="where to write (default: runs/demo-<time>)")
+    parser.add_argument("--run-dir", default=None, help="where to write (default: runs/parity-demo-<time>)")
     parser.add_argument("--steps", type=int, default=200, help="training steps")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
