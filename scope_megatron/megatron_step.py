@@ -10,6 +10,12 @@ sum over its tokens of per-token terms already divided by denominators computed 
 global batch, plus a report dict. The final loss is the plain sum of the shares over all
 micro-batches and data-parallel ranks. :func:`train_step` cancels megatron's per-token
 normalisation (``calculate_per_token_loss=True``) so the gradient is exactly that of this sum.
+Under context parallelism the sums (and ``num_loss_tokens``) also run over the CP ranks, each of
+which holds its part of every packed sequence.
+
+Micro-batches are either padded rows (:class:`MicroBatch`, [b, s]) or packed rows
+(:class:`PackedMicroBatch`, [1, T] with ``cu_seqlens``: see :mod:`scope_megatron.packing`);
+:func:`forward_micro_batch` runs either kind, and both may be mixed in one call.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | No
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator).to(device)
-        logits = chunk(mb.tokens, mb.position_ids, None)
+        logits = forward_micro_batch(chunk, mb)
         if output_fn is None:
             return logits, None
         return logits, lambda out, non_loss_data=True: output_fn(out, mb)
@@ -108,7 +114,7 @@ def _global_loss_tokens(micro_batches: list[MicroBatch]) -> int:
     from megatron.core import parallel_state as ps
 
     total = torch.tensor([sum(mb.num_loss_tokens for mb in micro_batches)], dtype=torch.int64, device=_device())
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return int(total.item())
 
 
@@ -134,7 +140,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator).to(device)
-        return chunk(mb.tokens, mb.position_ids, None), partial(loss_func, mb)
+        return forward_micro_batch(chunk, mb), partial(loss_func, mb)
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -154,7 +160,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     values = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for rep in reports:
         values += torch.stack([rep[k].to(torch.float64).reshape(()) for k in keys])
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    dist.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
     summed = dict(zip(keys, values.tolist()))
     return StepResult(loss=summed.pop("loss", 0.0), grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
@@ -192,3 +198,166 @@ def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float 
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
     return ddp_model, optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed (THD) micro-batches: several sequences concatenated in one row, attention kept per sequence
+# ------------------------------------------------------------------------------------------------
+
+PACKED_ATTENTION_MODES = ("auto", "thd", "mask")
+
+
+@dataclass
+class PackedMicroBatch(MicroBatch):
+    """Sequences packed into one row: ``tokens`` [1, T]; per-token extras [1, T]; per-sequence extras [n].
+
+    Sequence i occupies the slot ``cu_seqlens_padded[i] : cu_seqlens_padded[i + 1]`` of the row;
+    its real tokens are the first ``cu_seqlens[i + 1] - cu_seqlens[i]`` of the slot, the rest of the
+    slot is padding (no loss). Without padding both tensors are equal. (These are the meanings of
+    megatron's / Transformer Engine's ``cu_seqlens_q`` and ``cu_seqlens_q_padded``.)
+
+    ``attention`` picks how attention is kept inside each sequence (see :func:`forward_micro_batch`):
+    ``"thd"`` passes megatron a ``PackedSeqParams`` (Transformer Engine, or :class:`SDPAttention`),
+    ``"mask"`` passes a block-diagonal causal mask [1, 1, T, T] (any core attention that honours an
+    explicit mask: megatron's unfused ``DotProductAttention`` or SDPA; O(T^2) memory), ``"auto"``
+    chooses from the model's core-attention class.
+
+    Context parallelism (``cp_size > 1``, from :func:`scope_megatron.packing.shard_for_context_parallel`):
+    this rank holds chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of every slot cut in
+    ``2 * cp_size`` equal chunks (megatron's load-balanced layout), so ``tokens`` is [1, T / cp_size]
+    while ``cu_seqlens`` / ``cu_seqlens_padded`` still describe the whole row, as megatron expects.
+    """
+
+    cu_seqlens: torch.Tensor | None = None         # [n + 1] int32, cumulative real lengths
+    cu_seqlens_padded: torch.Tensor | None = None  # [n + 1] int32, cumulative slot lengths (None: no padding)
+    attention: str = "auto"
+    cp_size: int = 1
+    cp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2 or self.tokens.shape[0] != 1:
+            raise ValueError(f"packed tokens must be [1, T], got {tuple(self.tokens.shape)}")
+        if self.cu_seqlens is None:
+            raise ValueError("a PackedMicroBatch needs cu_seqlens")
+        if self.attention not in PACKED_ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {PACKED_ATTENTION_MODES}, got {self.attention!r}")
+        slots = self.slot_bounds
+        total = self.tokens.shape[1] * self.cp_size
+        if int(slots[0]) != 0 or int(slots[-1]) != total or bool((slots[1:] <= slots[:-1]).any()):
+            raise ValueError(f"slot boundaries {slots.tolist()} must rise strictly from 0 to T = {total}")
+        if self.cp_size > 1 and bool(((slots[1:] - slots[:-1]) % (2 * self.cp_size)).any()):
+            raise ValueError(f"with context parallelism every slot must be a multiple of 2 * cp = {2 * self.cp_size}")
+        if not 0 <= self.cp_rank < self.cp_size:
+            raise ValueError(f"cp_rank {self.cp_rank} outside cp_size {self.cp_size}")
+        if bool((self.seq_lengths > slots[1:] - slots[:-1]).any()) or bool((self.seq_lengths < 1).any()):
+            raise ValueError("every sequence needs 1 <= length <= its slot")
+
+    @property
+    def slot_bounds(self) -> torch.Tensor:
+        return self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def seq_lengths(self) -> torch.Tensor:
+        """[n] real lengths."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @property
+    def slot_lengths(self) -> torch.Tensor:
+        bounds = self.slot_bounds
+        return (bounds[1:] - bounds[:-1]).long()
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.slot_lengths.max())
+
+    def local_index(self) -> torch.Tensor:
+        """[T / cp_size] positions in the whole packed row of this rank's tokens (arange without CP)."""
+        return context_parallel_index(self.slot_bounds, self.cp_size, self.cp_rank).to(self.tokens.device)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[1, T] positions restarting at 0 in every slot (RoPE itself uses cu_seqlens / the mask)."""
+        lengths = self.slot_lengths.to(self.tokens.device)
+        starts = self.slot_bounds[:-1].to(self.tokens.device).long()
+        index = self.local_index()
+        return (index - torch.repeat_interleave(starts, lengths)[index]).unsqueeze(0)
+
+    def packed_seq_params(self, cp_group=None):
+        """megatron's ``PackedSeqParams`` (THD) for this row."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        device = self.tokens.device
+        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
+        cu_padded = self.slot_bounds.to(device=device, dtype=torch.int32)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                               cu_seqlens_kv_padded=cu_padded, max_seqlen_q=self.max_seqlen,
+                               max_seqlen_kv=self.max_seqlen, cp_group=cp_group)
+
+    def block_causal_mask(self) -> torch.Tensor:
+        """[1, 1, T, T] bool, True = masked (megatron's convention): causal inside each slot only."""
+        if self.cp_size > 1:
+            raise NotImplementedError("the block-diagonal mask path does not support context parallelism")
+        slot = torch.repeat_interleave(torch.arange(self.num_sequences, device=self.tokens.device),
+                                       self.slot_lengths.to(self.tokens.device))
+        index = torch.arange(slot.numel(), device=self.tokens.device)
+        allowed = (slot[:, None] == slot[None, :]) & (index[None, :] <= index[:, None])
+        return (~allowed)[None, None]
+
+    def to(self, device: torch.device | str) -> "PackedMicroBatch":
+        return PackedMicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
+                                self.num_loss_tokens, self.cu_seqlens, self.cu_seqlens_padded, self.attention,
+                                self.cp_size, self.cp_rank)
+
+
+def context_parallel_index(slot_bounds: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Row positions held by CP rank ``cp_rank``: chunks r and 2cp-1-r of each slot cut in 2cp chunks.
+
+    ``slot_bounds`` [n + 1] are the (padded) cumulative slot lengths of the whole row, each slot a
+    multiple of ``2 * cp_size``. Returns int64 [T / cp_size] in this rank's token order.
+    """
+    bounds = [int(b) for b in slot_bounds.tolist()]
+    if cp_size == 1:
+        return torch.arange(bounds[-1])
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        chunk = (end - start) // (2 * cp_size)
+        for j in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(start + j * chunk, start + (j + 1) * chunk))
+    return torch.cat(pieces)
+
+
+def packed_attention_mode(chunk: torch.nn.Module) -> str:
+    """"thd" when the chunk's core attention consumes ``PackedSeqParams`` (TE, SDPAttention), else "mask"."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from .model.sdpa_attention import SDPAttention
+
+    for module in chunk.modules():
+        if isinstance(module, SDPAttention) or type(module).__name__ == "TEDotProductAttention":
+            return "thd"
+        if isinstance(module, DotProductAttention):
+            return "mask"
+    return "thd"  # a stage without attention layers: the parameters are ignored
+
+
+def forward_micro_batch(chunk: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Run one (DDP-wrapped or plain) model chunk on a micro-batch: padded rows, or a packed row."""
+    from megatron.core import parallel_state as ps
+
+    cp_group = ps.get_context_parallel_group(check_initialized=False)
+    cp_size = cp_group.size() if cp_group is not None else 1
+    if not isinstance(mb, PackedMicroBatch):
+        if cp_size > 1:
+            raise NotImplementedError("context parallelism needs packed micro-batches split per CP rank "
+                                      "(scope_megatron.packing.build_packed_micro_batches(cp_size=...))")
+        return chunk(mb.tokens, mb.position_ids, None)
+    if mb.cp_size != cp_size:
+        raise ValueError(f"micro-batch split for cp_size={mb.cp_size}, the context-parallel group has {cp_size} ranks")
+    mode = mb.attention if mb.attention != "auto" else packed_attention_mode(chunk)
+    if mode == "thd":
+        return chunk(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(cp_group))
+    return chunk(mb.tokens, mb.position_ids, mb.block_causal_mask())

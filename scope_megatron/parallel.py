@@ -31,6 +31,8 @@ class Layout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1  # context parallel size (DP = world / (tp * pp * cp))
+    cp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -61,10 +63,12 @@ def init_distributed() -> None:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
-    """Set up torch.distributed and megatron's TP/PP/DP groups; return this rank's :class:`Layout`.
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, cp: int = 1) -> Layout:
+    """Set up torch.distributed and megatron's TP/PP/CP/DP groups; return this rank's :class:`Layout`.
 
-    DP is world_size / (tp * pp). Re-initialises megatron's groups if they exist with other sizes.
+    DP is world_size / (tp * pp * cp). Re-initialises megatron's groups if they exist with other
+    sizes. Context parallelism (``cp > 1``) needs packed micro-batches split with
+    :func:`scope_megatron.packing.shard_for_context_parallel`.
     """
     apply_cpu_shims()
     init_distributed()
@@ -72,13 +76,15 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     from megatron.core import tensor_parallel
 
     world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if world % (tp * pp * cp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (tp, pp):
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size()) != (tp, pp, cp):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     context_parallel_size=cp)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
@@ -98,6 +104,8 @@ def current_layout() -> Layout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
     )
 
 

@@ -69,6 +69,7 @@ def transformer_config(arch: ModelArch, *, params_dtype: torch.dtype = torch.flo
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
+    cp = ps.get_context_parallel_world_size()
     check_parallel_layout(arch, tp, pp)
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -90,6 +91,7 @@ def transformer_config(arch: ModelArch, *, params_dtype: torch.dtype = torch.flo
         init_method_std=0.02,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

@@ -1,0 +1,405 @@
+"""Packed (THD) micro-batches formed by a token budget, balanced over data-parallel ranks.
+
+Three steps, all deterministic (every rank computes the same plan from the same lengths):
+
+1. :func:`partition_balanced` splits the global batch's sequences over the DP ranks so that the
+   ranks' token totals are as even as possible (Karmarkar-Karp largest differencing, or greedy
+   longest-first).
+2. :func:`plan_micro_batches` cuts each rank's share into micro-batches of at most
+   ``max_tokens_per_microbatch`` tokens (first-fit decreasing gives the count; then the sequences
+   are spread longest-first over that many micro-batches so they come out even). Every rank gets
+   the same number of micro-batches -- megatron's schedule and the gradient all-reduce need that --
+   so a rank with less work gets *filler* micro-batches (below).
+3. :func:`pack_sequences` concatenates one micro-batch's sequences into a single row
+   (:class:`~scope_megatron.megatron_step.PackedMicroBatch`: tokens [1, T], per-token extras
+   [1, T], ``cu_seqlens``), and :func:`unpack` cuts any per-token output ([1, T, ...] or [T, ...])
+   back into per-sequence tensors.
+
+:func:`build_packed_micro_batches` does all three for one rank.
+
+**A sequence longer than the budget** (``oversize``): ``"alone"`` (default) puts it in a
+micro-batch of its own, which then exceeds the budget (a sequence cannot be split over
+micro-batches: its tokens attend to each other; context parallelism is the way to split one);
+``"error"`` raises ``ValueError`` instead.
+
+**Filler micro-batches**: when a rank has fewer sequences than micro-batches (in particular none
+at all), its extra micro-batches repeat the globally shortest sequence with every per-token value
+zeroed except the tokens and targets (so the loss mask is all False), and ``num_loss_tokens = 0``.
+They run the forward and backward like any other micro-batch, so no rank waits on another, and
+contribute exactly zero to the loss and the gradient. Their ``rows`` extra still names that
+sequence, so a loss function that looks up per-sequence coefficients works unchanged.
+
+Loss denominators stay global (see ``megatron_step``): how the sequences are grouped changes
+nothing but the order of floating-point sums.
+
+Per-token extras of a packed micro-batch:
+
+* every per-token key of the input sequences, [1, T], zero (False) on padding;
+* ``"token_trajectory"`` [1, T] int64: the index (0..n-1) of the sequence each token belongs to
+  (padding belongs to the slot it pads) -- ``objective_loss(..., token_trajectory=...)`` with
+  ``coefficients = plan.select(extras["rows"])``;
+* ``"rows"`` [n] int64: the sequences' indices in the global batch (when given).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from .megatron_step import MicroBatch, PackedMicroBatch, context_parallel_index
+
+logger = logging.getLogger(__name__)
+
+Oversize = Literal["alone", "error"]
+Balance = Literal["karmarkar_karp", "greedy"]
+
+__all__ = [
+    "MicroBatchPlan",
+    "PackedMicroBatch",
+    "build_packed_micro_batches",
+    "gather_from_context_parallel",
+    "shard_for_context_parallel",
+    "pack_sequences",
+    "pad_sequences",
+    "partition_balanced",
+    "plan_micro_batches",
+    "round_up",
+    "unpack",
+]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------------------------
+# packing one micro-batch
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], token_key: str) -> list[int]:
+    if not sequences:
+        raise ValueError("nothing to pack: no sequences")
+    keys = set(sequences[0])
+    if token_key not in keys:
+        raise ValueError(f"sequences need a {token_key!r} entry")
+    lengths = []
+    for i, seq in enumerate(sequences):
+        if set(seq) != keys:
+            raise ValueError(f"sequence {i} has keys {sorted(seq)}, sequence 0 has {sorted(keys)}")
+        n = seq[token_key].numel()
+        if n < 1:
+            raise ValueError(f"sequence {i} is empty")
+        for key, value in seq.items():
+            if value.dim() != 1 or value.numel() != n:
+                raise ValueError(f"sequence {i}: {key!r} must be 1-D of length {n}, got {tuple(value.shape)}")
+        lengths.append(n)
+    return lengths
+
+
+def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, rows: Sequence[int] | None = None,
+                   token_key: str = "tokens", mask_key: str | None = "mask", pad_id: int = 0,
+                   seq_multiple: int = 1, total_multiple: int = 1, attention: str = "auto") -> PackedMicroBatch:
+    """Concatenate sequences (dicts of equal-length 1-D per-token tensors) into one packed row.
+
+    Args:
+        sequences: per sequence, ``{token_key: ids [L], other per-token tensors [L]}``.
+        rows: the sequences' indices in the global batch (stored as ``extras["rows"]``).
+        mask_key: the boolean loss mask; ``num_loss_tokens`` is its sum (0 without one).
+        pad_id: token id of padding tokens.
+        seq_multiple: pad each sequence's slot to a multiple of this (e.g. 2 * CP for context
+            parallelism); recorded in ``cu_seqlens_padded``.
+        total_multiple: pad the row to a multiple of this (e.g. TP with sequence parallelism);
+            the extra tokens extend the last slot.
+        attention: ``PackedMicroBatch.attention``.
+    """
+    lengths = _check_sequences(sequences, token_key)
+    if rows is not None and len(rows) != len(sequences):
+        raise ValueError(f"{len(rows)} rows for {len(sequences)} sequences")
+    slots = [round_up(n, seq_multiple) for n in lengths]
+    total = sum(slots)
+    slots[-1] += round_up(total, total_multiple) - total
+    total = sum(slots)
+    out: dict[str, torch.Tensor] = {}
+    for key, first in sequences[0].items():
+        fill = pad_id if key == token_key else 0
+        row = torch.full((total,), fill, dtype=first.dtype, device=first.device)
+        start = 0
+        for seq, n, slot in zip(sequences, lengths, slots):
+            row[start:start + n] = seq[key]
+            start += slot
+        out[key] = row.unsqueeze(0)
+    tokens = out.pop(token_key)
+    out["token_trajectory"] = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(slots)).unsqueeze(0)
+    if rows is not None:
+        out["rows"] = torch.tensor(list(rows), dtype=torch.long)
+    num_loss_tokens = int(out[mask_key].sum()) if mask_key is not None and mask_key in out else 0
+    zero = torch.zeros(1, dtype=torch.int32)
+    cu = torch.cat([zero, torch.tensor(lengths).cumsum(0).to(torch.int32)])
+    cu_padded = torch.cat([zero, torch.tensor(slots).cumsum(0).to(torch.int32)])
+    return PackedMicroBatch(tokens, out, num_loss_tokens, cu_seqlens=cu,
+                            cu_seqlens_padded=cu_padded if slots != lengths else None, attention=attention)
+
+
+def unpack(values: torch.Tensor, mb: PackedMicroBatch) -> list[torch.Tensor]:
+    """Per-token outputs of a packed row ([1, T, ...] or [T, ...]) -> per-sequence tensors [L_i, ...].
+
+    Under context parallelism ``values`` must cover the whole row: gather them first with
+    :func:`gather_from_context_parallel`.
+    """
+    total = int(mb.slot_bounds[-1])
+    if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:
+        values = values[0]
+    if values.shape[0] != total:
+        raise ValueError(f"values {tuple(values.shape)} do not match a packed row of {total} tokens"
+                         + (" (gather context-parallel outputs first)" if mb.cp_size > 1 else ""))
+    starts = mb.slot_bounds[:-1].tolist()
+    return [values[s:s + n] for s, n in zip(starts, mb.seq_lengths.tolist())]
+
+
+def shard_for_context_parallel(mb: PackedMicroBatch, cp_size: int, cp_rank: int) -> PackedMicroBatch:
+    """This CP rank's part of a packed row: chunks r and 2cp-1-r of every slot (cut in 2cp chunks).
+
+    The row must have been packed with ``seq_multiple`` a multiple of ``2 * cp_size``. Per-token
+    extras ([1, T]) are sliced like the tokens; per-sequence extras (``rows``) and ``cu_seqlens``
+    stay whole; ``num_loss_tokens`` becomes this rank's share of the loss mask (``mask`` extra).
+    """
+    if mb.cp_size != 1:
+        raise ValueError("this micro-batch is already split for context parallelism")
+    if cp_size == 1:
+        return mb
+    if bool((mb.slot_lengths % (2 * cp_size)).any()):
+        raise ValueError(f"slots {mb.slot_lengths.tolist()} are not multiples of 2 * cp = {2 * cp_size}: "
+                         f"pack with seq_multiple={2 * cp_size}")
+    total = mb.tokens.shape[1]
+    index = context_parallel_index(mb.slot_bounds, cp_size, cp_rank).to(mb.tokens.device)
+    extras = {k: (v[:, index] if v.dim() >= 2 and v.shape[:2] == (1, total) else v) for k, v in mb.extras.items()}
+    loss_tokens = int(extras["mask"].sum()) if "mask" in extras else 0
+    if mb.num_loss_tokens == 0:
+        loss_tokens = 0
+    return PackedMicroBatch(mb.tokens[:, index], extras, loss_tokens, cu_seqlens=mb.cu_seqlens,
+                            cu_seqlens_padded=mb.cu_seqlens_padded, attention=mb.attention, cp_size=cp_size,
+                            cp_rank=cp_rank)
+
+
+def gather_from_context_parallel(values: torch.Tensor, mb: PackedMicroBatch, group=None) -> torch.Tensor:
+    """All-gather a CP rank's per-token outputs ([1, T/cp, ...] or [T/cp, ...]) into the whole row [T, ...].
+
+    ``group`` defaults to megatron's context-parallel group. No gradient flows through the gather.
+    """
+    import torch.distributed as dist
+
+    if mb.cp_size == 1:
+        return values[0] if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == mb.tokens.shape[1] else values
+    if group is None:
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_context_parallel_group()
+    local = values[0] if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == mb.tokens.shape[1] else values
+    if local.shape[0] != mb.tokens.shape[1]:
+        raise ValueError(f"values {tuple(values.shape)} do not match this rank's {mb.tokens.shape[1]} tokens")
+    parts = [torch.empty_like(local) for _ in range(mb.cp_size)]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    out = torch.empty((local.shape[0] * mb.cp_size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, part in enumerate(parts):
+        out[context_parallel_index(mb.slot_bounds, mb.cp_size, r).to(local.device)] = part
+    return out
+
+
+def pad_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, token_key: str = "tokens",
+                  mask_key: str | None = "mask", pad_id: int = 0, rows: Sequence[int] | None = None) -> MicroBatch:
+    """The padded layout of the same sequences: a plain :class:`MicroBatch` [n, max L] (right padding)."""
+    lengths = _check_sequences(sequences, token_key)
+    width = max(lengths)
+    out = {}
+    for key, first in sequences[0].items():
+        fill = pad_id if key == token_key else 0
+        stacked = torch.full((len(sequences), width), fill, dtype=first.dtype, device=first.device)
+        for i, seq in enumerate(sequences):
+            stacked[i, :lengths[i]] = seq[key]
+        out[key] = stacked
+    tokens = out.pop(token_key)
+    if rows is not None:
+        out["rows"] = torch.tensor(list(rows), dtype=torch.long)
+    num_loss_tokens = int(out[mask_key].sum()) if mask_key is not None and mask_key in out else 0
+    return MicroBatch(tokens, out, num_loss_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# balancing over DP ranks and forming micro-batches by a token budget
+# ------------------------------------------------------------------------------------------------
+
+
+def partition_balanced(weights: Sequence[int], k: int, method: Balance = "karmarkar_karp") -> list[list[int]]:
+    """Split item indices into ``k`` lists with sums of ``weights`` as even as possible.
+
+    ``"karmarkar_karp"``: k-way largest differencing -- repeatedly merge the two partial
+    partitions whose spread (largest minus smallest sum) is largest, joining the largest subset
+    of one with the smallest of the other. ``"greedy"``: longest first onto the lightest list.
+    Deterministic; each returned list is sorted.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    if method == "greedy":
+        parts: list[list[int]] = [[] for _ in range(k)]
+        heap = [(0, j) for j in range(k)]
+        for i in order:
+            total, j = heapq.heappop(heap)
+            parts[j].append(i)
+            heapq.heappush(heap, (total + weights[i], j))
+        return [sorted(p) for p in parts]
+    if method != "karmarkar_karp":
+        raise ValueError(f"unknown balancing method {method!r}")
+    if not weights:
+        return [[] for _ in range(k)]
+    # heap entries: (-spread, tie-break, [(sum, members)] sorted by sum descending)
+    heap = []
+    for tie, i in enumerate(order):
+        subsets = [(weights[i], [i])] + [(0, []) for _ in range(k - 1)]
+        heap.append((-weights[i], tie, subsets))
+    heapq.heapify(heap)
+    tie = len(order)
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        merged = [(sa + sb, ma + mb) for (sa, ma), (sb, mb) in zip(a, reversed(b))]
+        merged.sort(key=lambda s: (-s[0], min(s[1], default=len(weights))))
+        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), tie, merged))
+        tie += 1
+    return [sorted(members) for _, members in heap[0][2]]
+
+
+def _first_fit_decreasing(items: list[int], weights: Sequence[int], capacity: int) -> list[list[int]]:
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(items, key=lambda i: (-weights[i], i)):
+        for b, load in enumerate(loads):
+            if load + weights[i] <= capacity:
+                bins[b].append(i)
+                loads[b] += weights[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(weights[i])
+    return bins
+
+
+def _spread(items: list[int], weights: Sequence[int], capacity: int, count: int) -> list[list[int]] | None:
+    """Longest first onto the lightest of ``count`` bins that has room (an empty bin always has room)."""
+    bins: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for i in sorted(items, key=lambda i: (-weights[i], i)):
+        fits = [b for b in range(count) if loads[b] == 0 or loads[b] + weights[i] <= capacity]
+        if not fits:
+            return None
+        b = min(fits, key=lambda b: (loads[b], b))
+        bins[b].append(i)
+        loads[b] += weights[i]
+    return bins
+
+
+@dataclass
+class MicroBatchPlan:
+    """Which sequences each DP rank packs into each of its micro-batches.
+
+    ``micro_batches[r][m]`` lists the global indices of the sequences in micro-batch ``m`` of DP
+    rank ``r``; an empty list is a filler micro-batch. Every rank has the same number of them.
+    """
+
+    micro_batches: list[list[list[int]]]
+    max_tokens: int
+    oversize: list[int]  # sequences longer than max_tokens (each alone in its micro-batch)
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro_batches[0])
+
+    def tokens(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Tokens per [rank][micro-batch] (fillers count 0)."""
+        return [[sum(lengths[i] for i in mb) for mb in rank] for rank in self.micro_batches]
+
+
+def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, oversize: Oversize = "alone",
+                       balance: Balance = "karmarkar_karp", seq_multiple: int = 1) -> MicroBatchPlan:
+    """Balance sequences over ``dp`` ranks by tokens, then cut each rank's share into micro-batches.
+
+    ``lengths`` are the packed lengths of the global batch (prompt + response - 1 per trajectory);
+    each is rounded up to ``seq_multiple`` as :func:`pack_sequences` will. See the module docstring
+    for ``oversize`` and fillers.
+    """
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    if dp < 1:
+        raise ValueError("dp must be >= 1")
+    weights = [round_up(int(n), seq_multiple) for n in lengths]
+    if any(w < 1 for w in weights):
+        raise ValueError("every sequence needs at least one token")
+    too_long = [i for i, w in enumerate(weights) if w > max_tokens]
+    if too_long and oversize == "error":
+        raise ValueError(f"{len(too_long)} sequence(s) exceed max_tokens_per_microbatch = {max_tokens} "
+                         f"(longest {max(weights[i] for i in too_long)} tokens): raise the budget, or use "
+                         f"oversize='alone'")
+    if oversize not in ("alone", "error"):
+        raise ValueError(f"unknown oversize policy {oversize!r}")
+    if too_long:
+        logger.warning("%d sequence(s) longer than max_tokens_per_microbatch = %d each get a micro-batch of their "
+                       "own (longest %d tokens)", len(too_long), max_tokens, max(weights[i] for i in too_long))
+    shares = partition_balanced(weights, dp, balance)
+    first_fit = [_first_fit_decreasing(share, weights, max_tokens) for share in shares]
+    count = max(1, max(len(bins) for bins in first_fit))
+    micro_batches = []
+    for share, bins in zip(shares, first_fit):
+        spread = _spread(share, weights, max_tokens, count)
+        if spread is None:  # cannot happen for FFD's own count on the rank that set it; others keep FFD
+            spread = bins + [[] for _ in range(count - len(bins))]
+        # longest micro-batches first (the same order on every rank is not required, but stable)
+        spread.sort(key=lambda mb: (-sum(weights[i] for i in mb), min(mb, default=len(weights))))
+        micro_batches.append([sorted(mb) for mb in spread])
+    return MicroBatchPlan(micro_batches=micro_batches, max_tokens=max_tokens, oversize=too_long)
+
+
+def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], *, max_tokens: int, dp: int = 1,
+                               dp_rank: int = 0, oversize: Oversize = "alone", balance: Balance = "karmarkar_karp",
+                               token_key: str = "tokens", mask_key: str | None = "mask",
+                               keep_nonzero: Sequence[str] = ("targets",), pad_id: int = 0, seq_multiple: int = 1,
+                               total_multiple: int = 1, attention: str = "auto",
+                               plan: MicroBatchPlan | None = None, cp_size: int = 1,
+                               cp_rank: int = 0) -> list[PackedMicroBatch]:
+    """This DP rank's packed micro-batches for the global batch ``sequences`` (same on every rank).
+
+    ``keep_nonzero``: per-token keys a filler micro-batch keeps as they are (valid target ids);
+    every other per-token extra of a filler is zeroed, so its loss mask is empty.
+
+    Context parallelism (``cp_size > 1``): slots are padded to a multiple of ``2 * cp_size`` and
+    each micro-batch is cut with :func:`shard_for_context_parallel` for ``cp_rank``. The budget
+    ``max_tokens`` counts the whole packed row (each CP rank holds ``1 / cp_size`` of it).
+    """
+    if cp_size > 1:
+        seq_multiple = seq_multiple * (2 * cp_size) // math.gcd(seq_multiple, 2 * cp_size)
+    lengths = _check_sequences(sequences, token_key)
+    if plan is None:
+        plan = plan_micro_batches(lengths, max_tokens=max_tokens, dp=dp, oversize=oversize, balance=balance,
+                                  seq_multiple=seq_multiple)
+    if len(plan.micro_batches) != dp or not 0 <= dp_rank < dp:
+        raise ValueError(f"plan is for {len(plan.micro_batches)} DP ranks; asked for rank {dp_rank} of {dp}")
+    out = []
+    for members in plan.micro_batches[dp_rank]:
+        if members:
+            out.append(pack_sequences([sequences[i] for i in members], rows=members, token_key=token_key,
+                                      mask_key=mask_key, pad_id=pad_id, seq_multiple=seq_multiple,
+                                      total_multiple=total_multiple, attention=attention))
+            continue
+        shortest = min(range(len(lengths)), key=lambda i: (lengths[i], i))
+        filler = {key: value if key in (token_key, *keep_nonzero) else torch.zeros_like(value)
+                  for key, value in sequences[shortest].items()}
+        mb = pack_sequences([filler], rows=[shortest], token_key=token_key, mask_key=mask_key, pad_id=pad_id,
+                            seq_multiple=seq_multiple, total_multiple=total_multiple, attention=attention)
+        mb.num_loss_tokens = 0
+        out.append(mb)
+    return [shard_for_context_parallel(mb, cp_size, cp_rank) for mb in out]
