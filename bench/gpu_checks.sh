@@ -2,7 +2,8 @@
 # All GPU checks of the foundation in one run of a few minutes, for a lent H100/H200 session:
 #   1. Megatron-vs-HF parity in bf16 with the local + SDPA layer spec (Qwen3-0.6B shape, random weights)
 #   2. bench/train_step.py, Megatron vs HF, for Qwen3-0.6B and Qwen3-4B shapes at 4096 tokens
-#   3. the GPU-marked tests (CPU shims never active on a GPU)
+#   3. bench/loss.py at 4096 and 16384 tokens (issue 3's targets)
+#   4. the GPU-marked tests (CPU shims never active on a GPU)
 # The device machine has torch and transformers but no megatron-core: carry its wheel in .whl/
 #   (here: echo /.whl/ >> .git/info/exclude; pip download --no-deps --python-version 3.12 \
 #    --only-binary=:all: --platform manylinux2014_x86_64 -d .whl megatron-core==0.19.2)
@@ -40,6 +41,10 @@ for m in $MODELS; do
   $PY bench/train_step.py --model $m --seq-len $SEQ $extra 2>>"$OUT/bench.log" | tee -a "$OUT/train_step.jsonl"
 done
 
-echo "== 3. GPU-marked tests"
+echo "== 3. bench/loss.py (vocab-parallel log-probs + loss + backward vs naive / megatron CE)"
+if [ "${SMALL:-0}" = 1 ]; then LOSS_ARGS="--tokens 256 --vocab 4096"; else LOSS_ARGS="--tokens 4096 16384"; fi
+$PY bench/loss.py $LOSS_ARGS 2>>"$OUT/bench.log" | tee -a "$OUT/loss.jsonl"
+
+echo "== 4. GPU-marked tests"
 $PY -m pytest -q -m gpu tests/test_cpu_shims.py -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/pytest_gpu.txt"
 rm -rf "$W"
