@@ -24,6 +24,7 @@ setup(
         "uvicorn>=0.29",
         "httpx>=0.27",
         "pyarrow",  # parquet prompt data
+        "matplotlib",  # the demo's accuracy plot
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -186,7 +186,7 @@ def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=use_distributed_optimizer)
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
+    opt_config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
                                  adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
                                  bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
                                  use_distributed_optimizer=use_distributed_optimizer)

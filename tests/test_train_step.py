@@ -131,3 +131,33 @@ def test_one_step_matches_single_process_reference(layout, step_results):
     # and the step did move the weights (Adam's first step moves each element by about LR)
     moved = max((reference["weights"][n] - w).abs().max().item() for n, w in reference["initial"].items())
     assert moved > 0.5 * LR
+
+
+def _schedule_worker(rank: int, world: int) -> list[float]:
+    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.model.arch import arch_from_hf_config
+    from scope_megatron.model.builder import build_gpt_model
+    from scope_megatron.objective import vocab_parallel_logprobs
+    from scope_megatron.parallel import init_parallel
+    from scope_megatron.tiny_models import tiny_hf_config
+
+    init_parallel(1, 1)
+    arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())
+    ddp, opt, sched = wrap_for_training(build_gpt_model(arch), lr=1e-3, lr_warmup_steps=2, lr_decay_style="cosine",
+                                        lr_decay_steps=6, min_lr=1e-5)
+    tokens = torch.randint(0, arch.vocab_size, (2, 9))
+    mb = MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:]}, 16)
+
+    def loss_fn(logits, batch):
+        return -vocab_parallel_logprobs(logits, batch.extras["targets"], vocab_size=arch.vocab_size).sum() / 16, {}
+
+    return [train_step(ddp, opt, sched, [mb], loss_fn).learning_rate for _ in range(7)]
+
+
+def test_warmup_then_cosine_schedule():
+    import math
+
+    lrs = run_ranks(_schedule_worker, world_size=1, timeout=300)[0]
+    # linear warmup over 2 steps, then cosine from 1e-3 to 1e-5 over the remaining 4 of 6 decay steps
+    expected = [0.0, 5e-4] + [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * i / 4)) for i in range(5)]
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
