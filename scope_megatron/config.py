@@ -33,6 +33,9 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
+SUPERVISED_PRESETS = ("sft", "kd")
+
+
 # ------------------------------------------------------------------------------------------ sections
 @dataclass
 class ModelConfig:
@@ -56,6 +59,7 @@ class DataConfig:
     problem_key: str = "problem"
     answer_key: str = "answer"
     id_key: Optional[str] = "id"
+    solution_key: str = "solution"       # sft / kd: the target response of each record
     prompt_format: str = "paper"         # paper | reference_code
     max_prompt_tokens: Optional[int] = 4096
     limit: Optional[int] = None
@@ -169,6 +173,20 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0                       # evaluate the student every N steps (0: never); RL modes only
+    at_start: bool = True                # also before the first step (step 0)
+    benchmarks: list = field(default_factory=list)  # jsonl files with problem / answer (evaluation module)
+    limit: Optional[int] = None          # first N problems of each benchmark
+    n: int = 4                           # samples per problem
+    ks: list = field(default_factory=list)          # k values (default 1 and n)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 32768
+
+
+@dataclass
 class FaultConfig:
     max_nonfinite_steps: int = 3         # abort after this many skipped NaN/inf steps (total)
     max_empty_steps: int = 10            # abort after this many consecutive all-filtered steps
@@ -189,12 +207,18 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     # -------------------------------------------------------------- derived paths
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
+    @property
+    def supervised(self) -> bool:
+        """sft / kd: plain MLE on given (prompt, solution) records; no engines, no rollouts, no sync."""
+        return self.algorithm.preset in SUPERVISED_PRESETS
 
     @property
     def embedded_student(self) -> bool:
@@ -394,7 +418,7 @@ def validate(c: Config) -> None:
     if len(r.student_urls) > 1:
         _require(r.student_router_url is not None, "rollout.student_router_url",
                  f"{len(r.student_urls)} student workers need a router URL for generation")
-    if c.embedded_teacher:
+    if c.embedded_teacher and not c.supervised:
         _require(bool(c.teacher.model), "teacher.model", "set an HF directory (embedded teacher) or teacher.urls")
     if len(c.teacher.urls) > 1:
         _require(c.teacher.router_url is not None, "teacher.router_url",
@@ -428,6 +452,18 @@ def validate(c: Config) -> None:
     for i, step in enumerate(k.export_hf_steps):
         _require(isinstance(step, int) and step >= 1, f"checkpoint.export_hf_steps[{i}]", f"must be a step >= 1, got {step!r}")
     _choice(c.logging.level, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    e = c.eval
+    _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
+    if e.every:
+        _require(not c.supervised, "eval.every", f"in-training evaluation needs the student engine; the "
+                                                 f"{c.algorithm.preset!r} preset runs without one (use 0)")
+        _require(bool(e.benchmarks), "eval.benchmarks", "must list at least one benchmark file when eval.every > 0")
+    _require(e.n >= 1, "eval.n", f"must be >= 1, got {e.n}")
+    for i, k in enumerate(e.ks):
+        _require(isinstance(k, int) and 1 <= k <= e.n, f"eval.ks[{i}]", f"must be an integer in [1, eval.n], got {k!r}")
+    _require(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _require(e.temperature >= 0, "eval.temperature", "must be >= 0")
+    _require(bool(c.data.solution_key), "data.solution_key", "must be set")
     _require(c.faults.max_nonfinite_steps >= 0, "faults.max_nonfinite_steps", "must be >= 0")
     _require(c.faults.max_empty_steps >= 1, "faults.max_empty_steps", "must be >= 1")
 

@@ -127,7 +127,8 @@ class Trainer:
             self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         else:
             self.dtype = getattr(torch, cfg.model.dtype)
-        if self.is_controller and cfg.embedded_teacher:
+        self.supervised = cfg.supervised
+        if self.is_controller and cfg.embedded_teacher and not self.supervised:
             # the teacher engine loads while the student is built (it needs nothing from the trainer)
             t = cfg.teacher
             self._launch_embedded("teacher", (t.model, t.embedded_device, t.embedded_max_batch_size, "default"))
@@ -162,7 +163,8 @@ class Trainer:
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=updates, min_lr=o.min_lr)
         self.optimizer = GuardedOptimizer(optimizer)
         self.objective = cfg.objective_config()
-        self.logprob_temperature = cfg.rollout.temperature if cfg.algorithm.scale_logits_by_rollout_temperature else 1.0
+        scale = cfg.algorithm.scale_logits_by_rollout_temperature and not self.supervised  # sft/kd: plain NLL
+        self.logprob_temperature = cfg.rollout.temperature if scale else 1.0
 
         # resume
         self.step = 0
@@ -195,16 +197,48 @@ class Trainer:
             self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
             if "sampler" in trainer_state:
                 self.sampler.load_state_dict(trainer_state["sampler"])
-            first = self.dataset[0]
-            probe = make_probe(first.prompt_ids, first.answer, self.tokenizer, cfg.sync.probe_tokens)
+            if self.supervised:
+                self._check_solutions()
+            else:
+                first = self.dataset[0]
+                probe = make_probe(first.prompt_ids, first.answer, self.tokenizer, cfg.sync.probe_tokens)
         box = [probe]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         self.probe = box[0]
 
-        self._start_engines()
+        if not self.supervised:
+            self._start_engines()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_controller, tensorboard=cfg.logging.tensorboard,
                                      use_tqdm=cfg.logging.tqdm, total_steps=cfg.steps, start_step=self.step)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
+
+    def _check_solutions(self) -> None:
+        """sft / kd: every record needs a non-empty solution (the target response)."""
+        key = self.cfg.data.solution_key
+        for rec in self.dataset.records:
+            value = rec.extra.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"algorithm.preset={self.cfg.algorithm.preset!r} trains on (prompt, solution) "
+                                 f"records: record {rec.record_id!r} has no string {key!r} field "
+                                 f"(data.solution_key)")
+
+    def _supervised_batch(self, step: int, records: list[Any]) -> RolloutBatch:
+        """sft / kd: each record's solution (+ eos) is the response; reward 1 (the MLE path)."""
+        from .controller import Trajectory
+
+        t0 = time.monotonic()
+        eos = self.tokenizer.eos_token_id
+        key = self.cfg.data.solution_key
+        trajectories = []
+        for gi, rec in enumerate(records):
+            ids = list(self.tokenizer(rec.extra[key], add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+            trajectories.append(Trajectory(group=gi, prompt_index=rec.index, sample=0, prompt_ids=list(rec.prompt_ids),
+                                           response_ids=ids, rollout_logprobs=[], teacher_logprobs=[0.0] * len(ids),
+                                           reward=1.0, reward_status="correct", finish="stop",
+                                           weight_version=str(self.engine_version)))
+        return RolloutBatch(step=step, trajectories=trajectories, timings={"time/rollout": time.monotonic() - t0})
 
     def _start_engines(self) -> None:
         """Embedded engines (rank 0) where no URLs are configured; the weight-sync path; the controller."""
@@ -304,6 +338,8 @@ class Trainer:
         self._install_signals()
         try:
             self.setup()
+            if self.cfg.eval.every and self.cfg.eval.at_start and self.step == 0:
+                self.metrics.log(0, self._evaluate(0), count_step=False)
             while self.step < self.cfg.steps:
                 if self._stop_agreed():
                     break
@@ -363,7 +399,10 @@ class Trainer:
         if self.is_controller:
             records = [self.dataset[i] for i in self.sampler.next_indices(self.cfg.rollout.prompts_per_step)]
             try:
-                payload[0] = ("ok", self.controller.collect(step, records))
+                if self.supervised:
+                    payload[0] = ("ok", self._supervised_batch(step, records))
+                else:
+                    payload[0] = ("ok", self.controller.collect(step, records))
             except EngineFailure as exc:
                 payload[0] = ("error", str(exc))
             except Exception as exc:  # anything else on rank 0 must not leave the others waiting
@@ -407,14 +446,17 @@ class Trainer:
         from ..objective import objective_loss, vocab_parallel_logprobs
 
         vocab, temperature, objective = self.arch.vocab_size, self.logprob_temperature, self.objective
+        supervised = self.supervised
 
         def loss_fn(logits, mb):
             lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab,
                                                   temperature=temperature, return_entropy=True, check_finite=False)
             coefficients = plan.select(mb.extras["rows"].cpu()).to(logits.device)
             out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=mb.extras["mask"],
-                                 old_logprobs=mb.extras["old_lp"], teacher_logprobs=mb.extras["teacher_lp"],
-                                 rollout_logprobs=mb.extras["rollout_lp"], entropy=entropy, check_finite=False)
+                                 old_logprobs=mb.extras.get("old_lp"),
+                                 teacher_logprobs=None if supervised else mb.extras["teacher_lp"],
+                                 rollout_logprobs=None if supervised else mb.extras["rollout_lp"], entropy=entropy,
+                                 check_finite=False)
             return out.loss, out.metrics
 
         return loss_fn
@@ -447,17 +489,23 @@ class Trainer:
         metrics["data/filtered_uniform_groups"] = data.dropped["uniform_groups"]
 
         t0 = time.monotonic()
-        student_mean = self._old_logprobs(data)
+        if self.supervised:  # MLE on given text: no old policy, no teacher scores
+            student_mean, teacher_mean = None, None
+            finite = True
+        else:
+            student_mean = self._old_logprobs(data)
+            teacher_mean = data.teacher_logprob_mean.float()
+            finite = bool(torch.isfinite(student_mean).all()) and bool(torch.isfinite(teacher_mean).all())
+            student_mean = student_mean.float()
         metrics["time/old_logprobs"] = time.monotonic() - t0
-        finite = bool(torch.isfinite(student_mean).all()) and bool(torch.isfinite(data.teacher_logprob_mean).all())
         updated = False
         t0 = time.monotonic()
         if not finite:
             self._count_nonfinite(step, "non-finite student or teacher log-probs")
         else:
             plan = plan_batch(self.objective, group_ids=data.group_ids, response_lengths=data.response_lengths,
-                              correct=data.correct, student_logprob_mean=student_mean.float(),
-                              teacher_logprob_mean=data.teacher_logprob_mean.float(), rewards=data.rewards)
+                              correct=data.correct, student_logprob_mean=student_mean,
+                              teacher_logprob_mean=teacher_mean, rewards=data.rewards)
             metrics.update({f"objective/{k}": v for k, v in plan.metrics.items()})
             loss_fn = self._loss_fn(plan)
             for update in range(cfg.algorithm.updates_per_batch):
@@ -477,7 +525,7 @@ class Trainer:
         metrics["train/skipped_empty_total"] = self.empty_steps_total
 
         t0 = time.monotonic()
-        if updated:
+        if updated and self.weight_sync is not None:
             try:
                 sync = self.weight_sync.sync(step)
             except SyncError as exc:
@@ -500,7 +548,34 @@ class Trainer:
         metrics["perf/train_mfu"] = flops / max((metrics["time/old_logprobs"] + metrics["time/train"]) * peak, 1e-9)
         metrics["perf/tflops_per_device"] = flops / max(step_time, 1e-9) / self.layout.world_size / 1e12
         metrics["time/step"] = step_time
+        if self._eval_due(step):
+            metrics.update(self._evaluate(step))
         self._finish_step(step, metrics)
+
+    def _eval_due(self, step: int) -> bool:
+        e = self.cfg.eval
+        return bool(e.every) and (step % e.every == 0 or step == self.cfg.steps)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """In-training evaluation of the student engine (which serves the weights of ``step``), rank 0;
+        ``eval/<benchmark>/avg@k`` etc. (scope_megatron.evaluation.evaluate). Other ranks wait."""
+        scalars: dict[str, float] = {}
+        if self.is_controller:
+            from ..evaluation.runner import EvalSettings, evaluate
+
+            e = self.cfg.eval
+            ks = tuple(sorted(set(e.ks))) if e.ks else tuple(sorted({1, e.n}))
+            settings = EvalSettings(n=e.n, ks=ks, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                                    max_new_tokens=e.max_new_tokens, seed=self.cfg.seed)
+            reward_fn = self.controller.reward_function
+            scalars = evaluate(self.controller.student, e.benchmarks, self.tokenizer, settings=settings,
+                               reward_pool=None if reward_fn else self.reward_pool, reward_fn=reward_fn,
+                               loop=self.loop, limit=e.limit,
+                               out_dir=self.run_dir / "eval" / f"step_{step:08d}")
+            logger.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalars.items())
+                                                              if "avg@" in k or "pass@" in k))
+        dist.barrier(group=self.control_group)
+        return scalars
 
     def _count_nonfinite(self, step: int, why: str) -> None:
         self.nonfinite_steps += 1

@@ -67,7 +67,7 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="scope", unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=not sys.stderr.isatty())
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], count_step: bool = True) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -79,12 +79,13 @@ class MetricsLogger:
             self.jsonl.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v))
                                                           for k, v in clean.items()}}) + "\n")
             self.jsonl.flush()
-        if self.bar is not None:
+        if self.bar is not None and count_step:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{clean.get('loss/total', float('nan')):.4g}",
                                  acc=f"{clean.get('reward/accuracy', float('nan')):.2f}",
                                  t=f"{clean.get('time/step', 0.0):.1f}s")
-        logger.info("%s", format_line(step, clean))
+        logger.info("%s", format_line(step, clean) if count_step else
+                    f"step {step} | " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(clean.items())))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -107,4 +108,5 @@ def format_line(step: int, m: dict[str, float]) -> str:
             f"k1 {g('kl/sampled_k1')} mismatch {g('mismatch/abs', '.3g')} | "
             f"time {g('time/step', '.2f')}s (gen {g('time/generate', '.2f')}, teacher tail {g('time/teacher_tail', '.2f')}, "
             f"old-lp {g('time/old_logprobs', '.2f')}, train {g('time/train', '.2f')}, sync {g('time/sync', '.2f')}) | "
-            f"{g('perf/tokens_per_s', '.1f')} tok/s mfu {g('perf/mfu', '.3f')}")
+            f"{g('perf/tokens_per_s', '.1f')} tok/s mfu {g('perf/mfu', '.3f')}"
+            + "".join(f" | {k} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("eval/mean/avg@")))
