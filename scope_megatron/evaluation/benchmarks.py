@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..rollout.data import iter_jsonl_objects
+
 REQUIRED_FIELDS = ("problem", "answer")
 OPTIONAL_STRING_FIELDS = ("id", "source")
 
@@ -84,21 +86,11 @@ def load_benchmark(path: str | Path, name: str | None = None, limit: int | None 
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     try:
-        handle = path.open(encoding="utf-8")
-        with handle:
-            lines = list(enumerate(handle, start=1))
+        rows = list(iter_jsonl_objects(path, BenchmarkFormatError))
     except UnicodeDecodeError as exc:
         raise BenchmarkFormatError(f"{path}: not UTF-8 text ({exc})") from exc
-    for line_no, line in lines:
-        if not line.strip():
-            continue
+    for line_no, obj in rows:
         where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise BenchmarkFormatError(f"{where}: expected a JSON object, got {_type_name(obj)}")
         for key in REQUIRED_FIELDS:
             if key not in obj:
                 raise BenchmarkFormatError(f"{where}: missing required field {key!r} (fields present: "

@@ -69,6 +69,22 @@ class PromptRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def iter_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; ``error`` names the bad line."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                kind = "null" if obj is None else type(obj).__name__
+                raise error(f"{path}:{line_no}: expected a JSON object, got {kind}")
+            yield line_no, obj
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``.jsonl`` or ``.parquet`` file, as dicts."""
     path = Path(path)
@@ -78,18 +94,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     if path.suffix in (".jsonl", ".json"):
         records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                obj.setdefault("__line__", line_no)
-                records.append(obj)
+        for line_no, obj in iter_jsonl_objects(path):
+            obj.setdefault("__line__", line_no)
+            records.append(obj)
         return records
     raise ValueError(f"{path}: unsupported prompt file type {path.suffix!r} (use .jsonl or .parquet)")
 
