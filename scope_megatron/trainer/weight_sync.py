@@ -176,7 +176,8 @@ class WeightSync:
                     try:
                         theirs = loop.run(score()).token_logprobs
                     except Exception as exc:
-                        error = f"verify_sync: scoring the probe on {url} failed: {type(exc).__name__}: {exc}"
+                        error = (f"verify_sync: scoring the probe on student engine {url} failed: "
+                                 f"{type(exc).__name__}: {exc}")
                         break
                     diffs = [abs(a - b) for a, b in zip(theirs, ours)]
                     max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)
