@@ -113,11 +113,8 @@ def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, reader: HFWeight
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     offset = layer_offset(model)
     for name, param in model.named_parameters():
-        pm = local_param_map(arch, name, offset)
-        hf_names = pm.hf_names
-        if pm.megatron_name == "output_layer.weight" and arch.tie_word_embeddings:
-            hf_names = ("model.embed_tokens.weight",)
-        full = hf_to_global(arch, pm, [reader.get(n) for n in hf_names])
+        pm = local_param_map(arch, name, offset)  # a tied output layer maps to the embedding
+        full = hf_to_global(arch, pm, [reader.get(n) for n in pm.hf_names])
         padded_vocab = param.shape[0] * tp if pm.kind == "vocab" else 0
         local = shard(pm, full, tp_rank, tp, padded_vocab)
         if local.shape != param.shape:
@@ -156,6 +153,7 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
         local_params[pm.megatron_name] = (pm, param)
     device = next(model.parameters()).device
     out_dtype = dtype or model.config.params_dtype
+    hf_shapes = expected_hf_shapes(arch)
     for pm in param_maps(arch):
         owner = _owner_stage(pm, arch, pp)
         full = None
@@ -170,16 +168,15 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
             full = merge_shards(pm, shards, arch.vocab_size).to(out_dtype)
         if pp > 1:
             if full is None:
-                full = torch.empty(_global_shape(arch, pm), dtype=out_dtype, device=device)
+                full = torch.empty(_global_shape(pm, hf_shapes), dtype=out_dtype, device=device)
             dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
         for hf_name, tensor in zip(pm.hf_names, global_to_hf(arch, pm, full)):
             yield hf_name, tensor
 
 
-def _global_shape(arch: ModelArch, pm: ParamMap) -> tuple[int, ...]:
-    shapes = expected_hf_shapes(arch)
-    parts = [shapes[n] for n in pm.hf_names] if pm.megatron_name != "output_layer.weight" or not \
-        arch.tie_word_embeddings else [shapes["model.embed_tokens.weight"]]
+def _global_shape(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of the global (unpadded) megatron tensor of ``pm``, from its HF tensors' shapes."""
+    parts = [hf_shapes[n] for n in pm.hf_names]
     if pm.kind in ("qkv", "fc1"):
         return (sum(p[0] for p in parts), *parts[0][1:])
     return parts[0]
