@@ -153,13 +153,19 @@ def reference_loss(config: ObjectiveConfig, batch: dict[str, torch.Tensor]) -> t
 # ------------------------------------------------------------------------------------------
 
 
+def plan_for(config: ObjectiveConfig, batch: dict[str, torch.Tensor], **extra):
+    """plan_batch over the whole test batch (sequence means of the old and teacher log-probs)."""
+    mask = batch["mask"]
+    return plan_batch(config, group_ids=batch["groups"], response_lengths=mask.sum(1), correct=batch["correct"],
+                      student_logprob_mean=sequence_mean_logprob(batch["old"], mask),
+                      teacher_logprob_mean=sequence_mean_logprob(batch["teacher"], mask), **extra)
+
+
 def library_loss(config: ObjectiveConfig, batch: dict[str, torch.Tensor], micro_rows: list[list[int]],
                  tp_rank: int = 0, tp: int = 1, tp_group=None) -> tuple[float, torch.Tensor, dict[str, float]]:
     """Loss summed over ``micro_rows`` and d(loss)/d(this vocab shard of the logits)."""
     mask = batch["mask"]
-    plan = plan_batch(config, group_ids=batch["groups"], response_lengths=mask.sum(1), correct=batch["correct"],
-                      student_logprob_mean=sequence_mean_logprob(batch["old"], mask),
-                      teacher_logprob_mean=sequence_mean_logprob(batch["teacher"], mask), rewards=batch["rewards"])
+    plan = plan_for(config, batch, rewards=batch["rewards"])
     shard = PADDED // tp
     x = batch["logits"][..., tp_rank * shard:(tp_rank + 1) * shard].clone().requires_grad_(True)
     total, metrics = 0.0, {}
@@ -261,9 +267,7 @@ def test_plan_metrics_and_microbatch_metrics_hand_checked():
     batch = make_batch()
     mask = batch["mask"]
     config = CONFIGS["scope"]
-    plan = plan_batch(config, group_ids=batch["groups"], response_lengths=mask.sum(1), correct=batch["correct"],
-                      student_logprob_mean=sequence_mean_logprob(batch["old"], mask),
-                      teacher_logprob_mean=sequence_mean_logprob(batch["teacher"], mask))
+    plan = plan_for(config, batch)
     m = plan.metrics
     assert (m["groups/all_correct_fraction"], m["groups/all_wrong_fraction"], m["groups/mixed_fraction"]) == (
         pytest.approx(1 / 3), pytest.approx(1 / 3), pytest.approx(1 / 3))
@@ -301,9 +305,7 @@ def test_megatron_loss_tuple_restores_the_sum_of_microbatch_losses():
     batch = make_batch()
     mask = batch["mask"]
     config = CONFIGS["scope"]
-    plan = plan_batch(config, group_ids=batch["groups"], response_lengths=mask.sum(1), correct=batch["correct"],
-                      student_logprob_mean=sequence_mean_logprob(batch["old"], mask),
-                      teacher_logprob_mean=sequence_mean_logprob(batch["teacher"], mask))
+    plan = plan_for(config, batch)
     lp = torch.log_softmax(batch["logits"][..., :VOCAB], -1).gather(-1, batch["targets"][..., None])[..., 0]
     losses, scaled, counts = 0.0, 0.0, 0
     for rows in SPLITS["uneven_shuffled"]:
@@ -365,10 +367,7 @@ def test_property_all_correct_group_has_no_kl_tokens_and_all_wrong_no_mle_tokens
 
 def _plan_and_inputs(config: ObjectiveConfig = ObjectiveConfig()):
     batch = make_batch()
-    mask = batch["mask"]
-    plan = plan_batch(config, group_ids=batch["groups"], response_lengths=mask.sum(1), correct=batch["correct"],
-                      student_logprob_mean=sequence_mean_logprob(batch["old"], mask),
-                      teacher_logprob_mean=sequence_mean_logprob(batch["teacher"], mask))
+    plan = plan_for(config, batch)
     lp = batch["old"].clone().requires_grad_(True)
     return batch, plan, lp
 
