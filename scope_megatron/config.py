@@ -49,7 +49,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    micro_batch_size: int = 4            # trajectories per micro-batch (per DP rank)
+    cp: int = 1                          # context parallel: each packed sequence split over cp ranks
+    micro_batch_size: int = 4            # trajectories per padded micro-batch (per DP rank)
+    max_tokens_per_microbatch: Optional[int] = None  # set: packed (THD) micro-batches of at most this many tokens
+    oversize_sequences: str = "alone"    # a sequence over the token budget: alone (own micro-batch) | error
     use_distributed_optimizer: bool = True
 
 
@@ -396,9 +399,19 @@ def validate(c: Config) -> None:
     _require(bool(c.model.student), "model.student", "must name a converted checkpoint or an HF directory")
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
     _choice(c.model.layer_impl, "model.layer_impl", ("auto", "te", "local", "local_sdpa"))
-    for name in ("tp", "pp", "micro_batch_size"):
+    for name in ("tp", "pp", "cp", "micro_batch_size"):
         value = getattr(c.parallel, name)
         _require(value >= 1, f"parallel.{name}", f"must be >= 1, got {value}")
+    budget = c.parallel.max_tokens_per_microbatch
+    if budget is not None:
+        _require(budget >= 1, "parallel.max_tokens_per_microbatch", f"must be >= 1 or null, got {budget}")
+    _choice(c.parallel.oversize_sequences, "parallel.oversize_sequences", ("alone", "error"))
+    if c.parallel.cp > 1:
+        _require(budget is not None, "parallel.max_tokens_per_microbatch",
+                 f"context parallelism (parallel.cp = {c.parallel.cp}) splits packed sequences: set a token budget "
+                 f"(e.g. 16384) to train on packed micro-batches")
+        _require(c.model.layer_impl != "local", "model.layer_impl",
+                 "megatron's local attention has no context parallelism: use auto, te or local_sdpa")
     _require(bool(c.data.paths), "data.paths", "must list at least one prompt file")
     _choice(c.data.prompt_format, "data.prompt_format", ("paper", "reference_code"))
     if c.data.max_prompt_tokens is not None:
@@ -470,6 +483,7 @@ def validate(c: Config) -> None:
 
 def check_world(c: Config, world_size: int) -> None:
     """Checks that need the world size (torchrun's)."""
-    mp = c.parallel.tp * c.parallel.pp
-    _require(world_size % mp == 0, "parallel", f"world size {world_size} is not divisible by tp*pp = "
-                                               f"{c.parallel.tp}*{c.parallel.pp}")
+    p = c.parallel
+    mp = p.tp * p.pp * p.cp
+    _require(world_size % mp == 0, "parallel", f"world size {world_size} is not divisible by tp*pp*cp = "
+                                               f"{p.tp}*{p.pp}*{p.cp}")

@@ -54,6 +54,7 @@ import torch
 from .megatron_step import MicroBatch, PackedMicroBatch, context_parallel_index
 
 logger = logging.getLogger(__name__)
+_oversize_warned = False  # the oversize warning is logged once per process (every step would repeat it)
 
 Oversize = Literal["alone", "error"]
 Balance = Literal["karmarkar_karp", "greedy"]
@@ -348,8 +349,12 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, 
     if oversize not in ("alone", "error"):
         raise ValueError(f"unknown oversize policy {oversize!r}")
     if too_long:
-        logger.warning("%d sequence(s) longer than max_tokens_per_microbatch = %d each get a micro-batch of their "
-                       "own (longest %d tokens)", len(too_long), max_tokens, max(weights[i] for i in too_long))
+        global _oversize_warned
+        log = logger.debug if _oversize_warned else logger.warning
+        _oversize_warned = True
+        log("%d sequence(s) longer than max_tokens_per_microbatch = %d each get a micro-batch of their own "
+            "(longest %d tokens; said once per process, later ones at DEBUG level)", len(too_long), max_tokens,
+            max(weights[i] for i in too_long))
     shares = partition_balanced(weights, dp, balance)
     first_fit = [_first_fit_decreasing(share, weights, max_tokens) for share in shares]
     count = max(1, max(len(bins) for bins in first_fit))

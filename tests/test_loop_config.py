@@ -37,12 +37,29 @@ def test_tiny_config_and_overrides():
     ("model.student=", "model.student"),
     ("bogus=1", "bogus"),
     ("rollout.student_urls=[http://a,http://b]", "rollout.student_router_url"),
+    ("parallel.cp=0", "parallel.cp"),
+    ("parallel.cp=2", "parallel.max_tokens_per_microbatch"),  # CP splits packed rows: it needs a budget
+    ("parallel.max_tokens_per_microbatch=0", "parallel.max_tokens_per_microbatch"),
+    ("parallel.oversize_sequences=split", "parallel.oversize_sequences"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:
         load_config(TINY_CONFIG, [override])
     assert info.value.field == field, str(info.value)
     assert repr(field) in str(info.value)
+
+
+def test_context_parallel_checks():
+    from scope_megatron.config import check_world
+
+    cp = ["parallel.cp=2", "parallel.max_tokens_per_microbatch=64"]
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY_CONFIG, [*cp, "model.layer_impl=local"])
+    assert info.value.field == "model.layer_impl"
+    cfg = load_config(TINY_CONFIG, [*cp, "parallel.tp=2"])
+    check_world(cfg, 8)  # DP 2
+    with pytest.raises(ConfigError, match=r"tp\*pp\*cp = 2\*1\*2"):
+        check_world(cfg, 6)
 
 
 @pytest.mark.parametrize("name", ["r1_distill_qwen_1p5b_from_skywork_or1_7b.yaml", "qwen3_1p7b_base_from_qwen3_8b.yaml"])
@@ -58,6 +75,8 @@ def test_paper_configs_have_the_paper_hyperparameters(name):
     assert objective.method == "scope" and objective.tau == 1.0 and objective.normalize == "mean1"
     assert cfg.algorithm.scale_logits_by_rollout_temperature
     assert cfg.model.dtype in ("auto", "bfloat16")
+    # packed micro-batches: one budget holds the longest trajectory (prompt 4,096 + response 12,288)
+    assert cfg.parallel.max_tokens_per_microbatch >= 4096 + 12288
 
 
 def test_entry_point_reports_config_errors_and_prints_config(tmp_path):

@@ -1,11 +1,13 @@
-"""End-to-end SCOPE runs under torchrun with embedded engines (CPU, gloo): TP=2 and PP=2.
+"""End-to-end SCOPE runs under torchrun with embedded engines (CPU, gloo), on two ranks:
+TP=2 and PP=2 with padded micro-batches; DP=2 and CP=2 with packed micro-batches (a 64-token
+budget: several micro-batches per rank, trajectories over the budget alone).
 
 Each run trains 3 steps of the tiny config. Checked against independent references:
 - losses are finite, every TensorBoard tag of docs/training.md is written, a checkpoint exists;
 - after every weight sync, the student engine's log-probs of the probe equal plain transformers'
   log-probs computed from that step's HF export (so the engine holds exactly the trained weights),
-  and so do the trainer's own (megatron) log-probs;
-- the loss curve is the same at TP=2 and at PP=2 (layout-independent objective).
+  and so do the trainer's own (megatron) log-probs (under CP: a packed probe split over the ranks);
+- the loss curve is the same in every layout, padded or packed (layout-independent objective).
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ def assets(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module", params=["tp2", "pp2"])
+PACKED = ["parallel.max_tokens_per_microbatch=64"]
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2_packed": PACKED,
+           "cp2_packed": ["parallel.cp=2", *PACKED]}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def run(request, assets, tmp_path_factory):
     layout = request.param
     run_dir = tmp_path_factory.mktemp(f"run_{layout}")
-    student = assets["student_ckpt"] if layout == "tp2" else assets["student"]
-    parallel = "parallel.tp=2" if layout == "tp2" else "parallel.pp=2"
-    proc = run_train(*asset_overrides(assets, run_dir, student), parallel, f"steps={STEPS}",
+    student = assets["student_ckpt"] if layout in ("tp2", "cp2_packed") else assets["student"]
+    # responses up to 40 tokens: long enough to span both CP ranks' chunks of a packed trajectory
+    proc = run_train(*asset_overrides(assets, run_dir, student), *LAYOUTS[layout], f"steps={STEPS}",
+                     "rollout.max_new_tokens=40",
                      "checkpoint.every=1", "checkpoint.keep_last=2", f"checkpoint.export_hf_steps=[1,2,3]",
                      nproc=2, timeout=280)
     assert proc.returncode == 0, tail(proc)
@@ -70,14 +78,18 @@ def test_losses_finite_and_every_tag_written(run):
     undocumented = sorted(set(tags) - always - conditional)
     assert not undocumented, f"tags written but not documented in docs/training.md: {undocumented}"
     assert all(len(values) == STEPS for tag, values in tags.items() if tag in always)
-    # the objective is layout-independent: TP=2 and PP=2 give the same curve (same seeds, same rollouts)
-    LOSS_CURVES[layout] = metrics
-    if len(LOSS_CURVES) == 2:
-        a, b = LOSS_CURVES["tp2"], LOSS_CURVES["pp2"]
+    packed = layout.endswith("_packed")
+    for m in metrics.values():
+        assert m["train/micro_batches"] >= (2 if packed else 1)
+        if layout == "dp2_packed":
+            assert m["train/padding_fraction"] == 0.0  # packing without CP pads nothing
+    # the objective is layout-independent: every layout gives the same curve (same seeds, same rollouts)
+    for other, b in LOSS_CURVES.items():
         for step in range(1, STEPS + 1):
-            assert a[step]["reward/accuracy"] == b[step]["reward/accuracy"]
-            for key in ("loss/total", "loss/mle", "loss/kl", "train/grad_norm"):
-                assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (step, key)
+            assert metrics[step]["reward/accuracy"] == b[step]["reward/accuracy"], (layout, other, step)
+            for key in ("loss/total", "loss/mle", "loss/kl", "train/grad_norm", "objective/ppl/student_mean"):
+                assert metrics[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-6), (layout, other, step, key)
+    LOSS_CURVES[layout] = metrics
 
 
 def test_checkpoints_present_and_pruned(run):

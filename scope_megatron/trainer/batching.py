@@ -2,9 +2,20 @@
 
 Every rank receives the same :class:`~.controller.RolloutBatch` and computes the same global
 tensors (group ids, response lengths, correctness, teacher means: what ``plan_batch`` needs),
-then takes its own share of the trajectories: the trajectories are ordered by length and dealt
-round-robin over the DP ranks (balanced token counts), and cut into micro-batches of
-``micro_batch_size`` trajectories.
+then takes its own share of the trajectories, in one of two layouts:
+
+* **padded** (``max_tokens_per_microbatch=None``): the trajectories are ordered by length and
+  dealt round-robin over the DP ranks (balanced token counts), and cut into micro-batches of
+  ``micro_batch_size`` trajectories, right-padded to the longest of each ([b, s]);
+* **packed** (a token budget): :func:`scope_megatron.packing.build_packed_micro_batches` balances
+  the trajectories over the DP ranks by tokens (Karmarkar-Karp) and packs each rank's share into
+  THD rows of at most ``max_tokens_per_microbatch`` tokens ([1, T], ``cu_seqlens``; attention
+  stays inside each trajectory), every rank with the same number of micro-batches; with context
+  parallelism each row is split over the CP ranks (megatron's load-balanced 2-chunk layout).
+  Per-token extras are [1, T] and ``token_trajectory`` names each token's trajectory.
+
+Either way the per-token extras are ``targets``, ``mask`` (response tokens), ``teacher_lp``,
+``rollout_lp``, plus ``rows`` (the global indices of the micro-batch's trajectories).
 
 Token layout of one trajectory (prompt P tokens, response R tokens)::
 
@@ -12,8 +23,9 @@ Token layout of one trajectory (prompt P tokens, response R tokens)::
     tokens    = sequence[:-1]   targets = sequence[1:] (P + R - 1 positions)
     response token j is targets[P - 1 + j]; the response mask marks positions P-1 .. P+R-2
 
-A DP rank left without trajectories (fewer trajectories than DP ranks) gets one micro-batch
-with an all-zero mask, so every rank runs the schedule and the gradient all-reduce.
+A DP rank left without trajectories (fewer trajectories than DP ranks) gets a micro-batch with
+an all-zero mask (padded: one; packed: fillers up to the common count), so every rank runs the
+schedule and the gradient all-reduce and adds exactly zero.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..megatron_step import MicroBatch
+from ..packing import build_packed_micro_batches, plan_micro_batches, round_up
 from .controller import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -39,8 +52,10 @@ class StepData:
     correct: torch.Tensor                # [N] bool
     rewards: torch.Tensor                # [N] float32
     teacher_logprob_mean: torch.Tensor   # [N] float64
-    micro_batches: list[MicroBatch]
+    micro_batches: list[MicroBatch]      # this rank's (PackedMicroBatch when packed)
     dropped: dict[str, int] = field(default_factory=dict)
+    padding_fraction: float = 0.0        # padding positions / all positions, over every DP rank's micro-batches
+    num_micro_batches: int = 0           # per DP rank (the same on every rank)
 
     @property
     def num_trajectories(self) -> int:
@@ -74,28 +89,36 @@ def filter_trajectories(trajectories: list[Trajectory], filter_uniform_groups: b
     return kept, dropped
 
 
+def _sequence(t: Trajectory, empty: bool = False) -> dict[str, torch.Tensor]:
+    """One trajectory's per-token tensors (P + R - 1 positions); ``empty``: no loss tokens."""
+    seq = t.prompt_ids + t.response_ids
+    n = len(seq) - 1
+    start, r = len(t.prompt_ids) - 1, len(t.response_ids)
+    mask = torch.zeros(n, dtype=torch.bool)
+    teacher = torch.zeros(n, dtype=torch.float32)
+    rollout = torch.zeros(n, dtype=torch.float32)
+    if not empty:
+        mask[start:start + r] = True
+    teacher[start:start + r] = torch.tensor(t.teacher_logprobs, dtype=torch.float32)
+    if len(t.rollout_logprobs) == r:
+        rollout[start:start + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
+    return {"tokens": torch.tensor(seq[:-1], dtype=torch.long), "targets": torch.tensor(seq[1:], dtype=torch.long),
+            "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout}
+
+
 def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False) -> MicroBatch:
-    seqs = [t.prompt_ids + t.response_ids for t in trajs]
-    width = max(len(s) - 1 for s in seqs)
-    b = len(trajs)
-    tokens = torch.full((b, width), pad_id, dtype=torch.long)
-    targets = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.bool)
-    teacher = torch.zeros((b, width), dtype=torch.float32)
-    rollout = torch.zeros((b, width), dtype=torch.float32)
-    for i, (t, seq) in enumerate(zip(trajs, seqs)):
-        n = len(seq) - 1
-        tokens[i, :n] = torch.tensor(seq[:-1], dtype=torch.long)
-        targets[i, :n] = torch.tensor(seq[1:], dtype=torch.long)
-        start, r = len(t.prompt_ids) - 1, len(t.response_ids)
-        if not empty:
-            mask[i, start:start + r] = True
-        teacher[i, start:start + r] = torch.tensor(t.teacher_logprobs, dtype=torch.float32)
-        if len(t.rollout_logprobs) == r:
-            rollout[i, start:start + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
-    extras = {"targets": targets, "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout,
-              "rows": torch.tensor(rows, dtype=torch.long)}
-    return MicroBatch(tokens, extras, int(mask.sum()))
+    """A padded micro-batch [b, max length] (right padding; padding positions carry no loss)."""
+    seqs = [_sequence(t, empty) for t in trajs]
+    width = max(s["tokens"].numel() for s in seqs)
+    extras: dict[str, torch.Tensor] = {}
+    for key, first in seqs[0].items():
+        stacked = torch.full((len(seqs), width), pad_id if key in ("tokens", "targets") else 0, dtype=first.dtype)
+        for i, s in enumerate(seqs):
+            stacked[i, :s[key].numel()] = s[key]
+        extras[key] = stacked
+    tokens = extras.pop("tokens")
+    extras["rows"] = torch.tensor(rows, dtype=torch.long)
+    return MicroBatch(tokens, extras, int(extras["mask"].sum()))
 
 
 def rank_share(lengths: list[int], dp: int, dp_rank: int) -> list[int]:
@@ -104,9 +127,28 @@ def rank_share(lengths: list[int], dp: int, dp_rank: int) -> list[int]:
     return sorted(order[dp_rank::dp])
 
 
+def _padded_layout(positions: list[int], dp: int, micro_batch_size: int) -> tuple[list[list[int]], int]:
+    """Every DP rank's padded micro-batches (row lists) and the global count of padded positions."""
+    per_rank, padded = [], 0
+    for r in range(dp):
+        mine = rank_share(positions, dp, r)
+        groups = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+        per_rank.append(groups)
+        padded += sum(len(g) * max(positions[i] for i in g) for g in groups)
+    return per_rank, padded
+
+
 def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, micro_batch_size: int, pad_id: int,
-                    filter_uniform_groups: bool = False) -> StepData | None:
-    """Global tensors and this rank's micro-batches; None when every trajectory was filtered out."""
+                    filter_uniform_groups: bool = False, max_tokens_per_microbatch: int | None = None,
+                    cp_size: int = 1, cp_rank: int = 0, oversize: str = "alone") -> StepData | None:
+    """Global tensors and this rank's micro-batches; None when every trajectory was filtered out.
+
+    ``max_tokens_per_microbatch=None`` forms padded micro-batches of ``micro_batch_size``
+    trajectories; a budget forms packed ones (``oversize``: what to do with a trajectory longer
+    than the budget, see :mod:`scope_megatron.packing`). ``cp_size > 1`` needs a budget.
+    """
+    if cp_size > 1 and max_tokens_per_microbatch is None:
+        raise ValueError("context parallelism needs packed micro-batches: set max_tokens_per_microbatch")
     kept, dropped = filter_trajectories(trajectories, filter_uniform_groups)
     if not kept:
         return None
@@ -114,14 +156,25 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     group_ids = torch.tensor([group_map.setdefault(t.group, len(group_map)) for t in kept], dtype=torch.long)
     lengths = [len(t.response_ids) for t in kept]
     teacher_mean = torch.tensor([sum(t.teacher_logprobs) / len(t.teacher_logprobs) for t in kept], dtype=torch.float64)
-    mine = rank_share([len(t.prompt_ids) + len(t.response_ids) for t in kept], dp, dp_rank)
-    micro_batches = []
-    for i in range(0, len(mine), micro_batch_size):
-        rows = mine[i:i + micro_batch_size]
-        micro_batches.append(_micro_batch([kept[r] for r in rows], rows, pad_id))
-    if not micro_batches:  # fewer trajectories than DP ranks: a zero-weight micro-batch
-        micro_batches.append(_micro_batch([kept[0]], [0], pad_id, empty=True))
+    positions = [len(t.prompt_ids) + len(t.response_ids) - 1 for t in kept]  # tokens per trajectory
+    if max_tokens_per_microbatch is None:
+        layout, total = _padded_layout(positions, dp, micro_batch_size)
+        micro_batches = [_micro_batch([kept[r] for r in rows], rows, pad_id) for rows in layout[dp_rank]]
+        if not micro_batches:  # fewer trajectories than DP ranks: a zero-weight micro-batch
+            micro_batches.append(_micro_batch([kept[0]], [0], pad_id, empty=True))
+        count = max(max(len(g) for g in layout), 1)
+    else:
+        seq_multiple = 2 * cp_size if cp_size > 1 else 1
+        plan = plan_micro_batches(positions, max_tokens=max_tokens_per_microbatch, dp=dp, oversize=oversize,
+                                  seq_multiple=seq_multiple)
+        micro_batches = build_packed_micro_batches([_sequence(t) for t in kept], max_tokens=max_tokens_per_microbatch,
+                                                   dp=dp, dp_rank=dp_rank, plan=plan, pad_id=pad_id,
+                                                   seq_multiple=seq_multiple, cp_size=cp_size, cp_rank=cp_rank)
+        count = plan.num_micro_batches
+        total = sum(round_up(positions[i], seq_multiple) for rank in plan.micro_batches for mb in rank for i in mb)
+    real = sum(positions)
     return StepData(trajectories=kept, group_ids=group_ids, response_lengths=torch.tensor(lengths, dtype=torch.long),
                     correct=torch.tensor([t.correct for t in kept], dtype=torch.bool),
                     rewards=torch.tensor([t.reward for t in kept], dtype=torch.float32),
-                    teacher_logprob_mean=teacher_mean, micro_batches=micro_batches, dropped=dropped)
+                    teacher_logprob_mean=teacher_mean, micro_batches=micro_batches, dropped=dropped,
+                    padding_fraction=1.0 - real / max(total, real, 1), num_micro_batches=count)

@@ -108,11 +108,12 @@ class Trainer:
         from ..model.arch import arch_from_hf_config, load_hf_config
         from ..model.builder import build_gpt_model
         from ..megatron_step import wrap_for_training
-        from ..parallel import init_parallel
+        from ..parallel import init_distributed, init_parallel
 
         cfg = self.cfg
-        self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed)
-        check_world(cfg, self.layout.world_size)
+        init_distributed()
+        check_world(cfg, dist.get_world_size())
+        self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed, cp=cfg.parallel.cp)
         self.rank = self.layout.rank
         self.is_controller = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -414,7 +415,12 @@ class Trainer:
         return value
 
     def _old_logprobs(self, data: StepData) -> torch.Tensor:
-        """lp_old per token (stored in each micro-batch on the last stage) and per-trajectory means [N]."""
+        """lp_old per token (stored in each micro-batch on the last stage) and per-trajectory means [N].
+
+        The means are sums over each trajectory's response tokens divided by its response length:
+        the sums add up over micro-batches, DP ranks and (context parallelism) the CP ranks that
+        each hold part of a packed trajectory; one TP rank per group contributes.
+        """
         from megatron.core import parallel_state as ps
 
         from ..megatron_step import run_forward
@@ -427,20 +433,21 @@ class Trainer:
                                            check_finite=False).detach()
 
         outputs = run_forward(self.ddp_model, data.micro_batches, output_fn)
-        means = torch.zeros(data.num_trajectories, dtype=torch.float64, device=self.device)
-        if outputs:
-            contribute = ps.get_tensor_model_parallel_rank() == 0
-            for mb, lp in zip(data.micro_batches, outputs):
-                lp = lp.cpu()
-                mb.extras["old_lp"] = lp
-                mask = mb.extras["mask"]
-                counts = mask.sum(-1)
-                if contribute:
-                    for i, row in enumerate(mb.extras["rows"].tolist()):
-                        if counts[i] > 0:
-                            means[row] = (lp[i][mask[i]].double().sum() / counts[i]).to(self.device)
-        dist.all_reduce(means)
-        return means.cpu()
+        sums = torch.zeros(data.num_trajectories, dtype=torch.float64)
+        for mb, lp in zip(data.micro_batches, outputs):
+            lp = lp.cpu()
+            mb.extras["old_lp"] = lp  # [b, s] padded, [1, T / cp] packed
+            mask = mb.extras["mask"]
+            if "token_trajectory" in mb.extras:  # packed: each token's trajectory within the micro-batch
+                trajectory = mb.extras["rows"][mb.extras["token_trajectory"]]
+            else:
+                trajectory = mb.extras["rows"][:, None].expand_as(mask)
+            sums.index_add_(0, trajectory[mask], lp[mask].double())
+        if ps.get_tensor_model_parallel_rank() != 0:
+            sums.zero_()
+        sums = sums.to(self.device)
+        dist.all_reduce(sums)
+        return (sums.cpu() / data.response_lengths.double())
 
     def _loss_fn(self, plan):
         from ..objective import objective_loss, vocab_parallel_logprobs
@@ -456,7 +463,7 @@ class Trainer:
                                  old_logprobs=mb.extras.get("old_lp"),
                                  teacher_logprobs=None if supervised else mb.extras["teacher_lp"],
                                  rollout_logprobs=None if supervised else mb.extras["rollout_lp"], entropy=entropy,
-                                 check_finite=False)
+                                 token_trajectory=mb.extras.get("token_trajectory"), check_finite=False)
             return out.loss, out.metrics
 
         return loss_fn
@@ -470,9 +477,12 @@ class Trainer:
         batch = self._rollouts(step)
         metrics: dict[str, float] = dict(batch.timings)
         metrics.update(self._batch_metrics(batch, step))
+        p = cfg.parallel
         data = build_step_data(batch.trajectories, dp=self.layout.dp, dp_rank=self.layout.dp_rank,
-                               micro_batch_size=cfg.parallel.micro_batch_size, pad_id=0,
-                               filter_uniform_groups=cfg.algorithm.filter_uniform_groups)
+                               micro_batch_size=p.micro_batch_size, pad_id=0,
+                               filter_uniform_groups=cfg.algorithm.filter_uniform_groups,
+                               max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
+                               cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences)
         if data is None:
             self.empty_steps_in_a_row += 1
             self.empty_steps_total += 1
@@ -487,6 +497,8 @@ class Trainer:
         self.empty_steps_in_a_row = 0
         metrics["data/filtered_empty_responses"] = data.dropped["empty_responses"]
         metrics["data/filtered_uniform_groups"] = data.dropped["uniform_groups"]
+        metrics["train/micro_batches"] = data.num_micro_batches
+        metrics["train/padding_fraction"] = data.padding_fraction
 
         t0 = time.monotonic()
         if self.supervised:  # MLE on given text: no old policy, no teacher scores

@@ -64,15 +64,25 @@ def make_probe(prompt_ids: list[int], answer_text: str, tokenizer: Any, probe_to
 
 
 def trainer_probe_logprobs(model: Any, probe: Probe, vocab_size: int, device: torch.device) -> list[float]:
-    """The trainer's log p(response | prompt) per response token, at temperature 1, on every rank."""
+    """The trainer's log p(response | prompt) per response token, at temperature 1, on every rank.
+
+    Under context parallelism the probe runs as a packed row split over the CP ranks (a padded
+    row cannot be), and the CP ranks' log-probs are gathered back into order.
+    """
     from megatron.core import parallel_state as ps
 
     from ..objective import vocab_parallel_logprobs
+    from ..packing import gather_from_context_parallel, pack_sequences, shard_for_context_parallel
 
     seq = probe.prompt_ids + probe.response_ids
     tokens = torch.tensor([seq[:-1]], dtype=torch.long)
     targets = torch.tensor([seq[1:]], dtype=torch.long)
-    mb = MicroBatch(tokens, {"targets": targets}, 0)
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        packed = pack_sequences([{"tokens": tokens[0], "targets": targets[0]}], mask_key=None, seq_multiple=2 * cp)
+        mb: MicroBatch = shard_for_context_parallel(packed, cp, ps.get_context_parallel_rank())
+    else:
+        mb = MicroBatch(tokens, {"targets": targets}, 0)
 
     def output_fn(logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         return vocab_parallel_logprobs(logits, micro.extras["targets"], vocab_size=vocab_size,
@@ -81,10 +91,14 @@ def trainer_probe_logprobs(model: Any, probe: Probe, vocab_size: int, device: to
     outputs = run_forward(model, [mb], output_fn)
     r = len(probe.response_ids)
     values = torch.zeros(r, dtype=torch.float64, device=device)
-    if outputs and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        lp = outputs[0][0] if isinstance(outputs[0], torch.Tensor) else outputs[0]
-        start = len(probe.prompt_ids) - 1
-        values = lp.reshape(-1)[start:start + r].to(device=device, dtype=torch.float64)
+    if outputs:
+        lp = outputs[0]
+        if cp > 1:  # a collective over the CP group: every CP rank of the last stage takes part
+            lp = gather_from_context_parallel(lp, mb)
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+                and ps.get_context_parallel_rank() == 0:
+            start = len(probe.prompt_ids) - 1
+            values = lp.reshape(-1)[start:start + r].to(device=device, dtype=torch.float64)
     dist.all_reduce(values)
     return values.tolist()
 
