@@ -4,6 +4,7 @@
 #   2. bench/train_step.py, Megatron vs HF, for Qwen3-0.6B and Qwen3-4B shapes at 4096 tokens
 #   3. bench/loss.py at 4096 and 16384 tokens (issue 3's targets)
 #   4. the GPU-marked tests (CPU shims never active on a GPU)
+#   5. bench/packing.py: packed (THD, token budget) vs padded micro-batches, Qwen3-0.6B shape, bf16, full lengths
 # The device machine has torch and transformers but no megatron-core: carry its wheel in .whl/
 #   (here: echo /.whl/ >> .git/info/exclude; pip download --no-deps --python-version 3.12 \
 #    --only-binary=:all: --platform manylinux2014_x86_64 -d .whl megatron-core==0.19.2)
@@ -47,4 +48,9 @@ $PY bench/loss.py $LOSS_ARGS 2>>"$OUT/bench.log" | tee -a "$OUT/loss.jsonl"
 
 echo "== 4. GPU-marked tests"
 $PY -m pytest -q -m gpu tests/test_cpu_shims.py -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/pytest_gpu.txt"
+
+echo "== 5. bench/packing.py (packed vs padded tokens/s, long-tailed lengths mean ~4k, max 16k)"
+if [ "${SMALL:-0}" = 1 ]; then PACK_ARGS="--sequences 16 --scale 64"; else
+  PACK_ARGS="--scale 1 --model qwen3-0.6b --dtype bfloat16 --sequences 32 --micro-batch-size 2 --max-tokens 16384"; fi
+timeout 240 $PY bench/packing.py $PACK_ARGS 2>>"$OUT/bench.log" | tee -a "$OUT/packing.jsonl"
 rm -rf "$W"

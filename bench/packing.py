@@ -9,10 +9,12 @@ the full-size lengths (pure arithmetic). The step times run on the lengths divid
 (and the token budget with them), so a CPU finishes in a minute or two; they compare layouts on
 the same machine and model, not absolute speed.
 
-Layouts: ``padded`` = the trainer's current micro-batches (``--micro-batch-size`` sequences per
-micro-batch in batch order, each padded to its longest); ``padded_sorted`` = the same after sorting
-by length (the best a padded layout does); ``pad_to_longest`` = every sequence padded to the
-longest of the batch; ``packed`` = token-budget THD micro-batches (this issue). Prints one JSON line.
+Layouts: ``padded`` = ``--micro-batch-size`` sequences per micro-batch in batch order, each padded
+to its longest (what a trainer that groups a prompt's rollouts gets); ``padded_sorted`` = the same
+after sorting by length (the trainer's layout without a token budget, and the best a padded layout
+does); ``pad_to_longest`` = every sequence padded to the longest of the batch; ``packed`` =
+token-budget THD micro-batches (the trainer with ``parallel.max_tokens_per_microbatch``). Prints one
+JSON line.
 """
 
 from __future__ import annotations
