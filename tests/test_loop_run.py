@@ -116,3 +116,35 @@ def test_engine_matches_trained_weights_after_every_sync(run):
         if previous is not None:  # the weights did change between syncs
             assert max(abs(a - b) for a, b in zip(reference, previous)) > 1e-4
         previous = reference
+
+
+# each run's step-2 checkpoint is resumed at another layout (padded <-> packed, TP/PP/DP/CP changed)
+RESUME_AT = {"tp2": "cp2_packed", "pp2": "dp2_packed", "dp2_packed": "tp2", "cp2_packed": "pp2"}
+
+
+def test_resume_at_another_layout(run, assets, tmp_path):
+    """Step 3 after resuming step 2's checkpoint under a different layout equals step 3 of the run:
+    same metrics, and the same weights after the update (so the Adam moments were resharded, not reset)."""
+    import torch
+
+    from tests.loop_utils import load_safetensors
+
+    layout, run_dir = run
+    other = RESUME_AT[layout]
+    student = assets["student_ckpt"] if other in ("tp2", "cp2_packed") else assets["student"]
+    proc = run_train(*asset_overrides(assets, tmp_path / "resumed", student), *LAYOUTS[other], f"steps={STEPS}",
+                     "rollout.max_new_tokens=40", "checkpoint.every=0", "checkpoint.export_hf_steps=[3]",
+                     f"checkpoint.resume={run_dir / 'checkpoints' / 'step_00000002'}", nproc=2, timeout=200)
+    assert proc.returncode == 0, tail(proc)
+    resumed, original = read_metrics(tmp_path / "resumed"), read_metrics(run_dir)
+    assert sorted(resumed) == [3]
+    for key in ("reward/accuracy", "loss/total", "loss/kl", "loss/mle", "train/grad_norm", "train/lr"):
+        assert resumed[3][key] == pytest.approx(original[3][key], rel=1e-4, abs=1e-6), (layout, other, key)
+    after = load_safetensors(tmp_path / "resumed" / "hf" / "step_00000003")
+    expected = load_safetensors(run_dir / "hf" / "step_00000003")
+    before = load_safetensors(run_dir / "hf" / "step_00000002")
+    update = max((expected[n] - before[n]).abs().max().item() for n in expected)
+    diff = max((after[n] - expected[n]).abs().max().item() for n in expected)
+    print(f"{layout} -> {other}: step-3 update {update:.3g}, resumed vs original {diff:.3g}")
+    assert update > 1e-4  # lr 1e-3: the step moved the weights
+    assert diff < 1e-2 * update, (layout, other, diff, update)
