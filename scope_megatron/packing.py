@@ -316,6 +316,7 @@ class MicroBatchPlan:
     micro_batches: list[list[list[int]]]
     max_tokens: int
     oversize: list[int]  # sequences longer than max_tokens (each alone in its micro-batch)
+    shortest: int = 0    # the globally shortest sequence: what a filler micro-batch repeats
 
     @property
     def num_micro_batches(self) -> int:
@@ -366,7 +367,8 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, 
         # longest micro-batches first (the same order on every rank is not required, but stable)
         spread.sort(key=lambda mb: (-sum(weights[i] for i in mb), min(mb, default=len(weights))))
         micro_batches.append([sorted(mb) for mb in spread])
-    return MicroBatchPlan(micro_batches=micro_batches, max_tokens=max_tokens, oversize=too_long)
+    shortest = min(range(len(weights)), key=lambda i: (weights[i], i)) if weights else 0
+    return MicroBatchPlan(micro_batches=micro_batches, max_tokens=max_tokens, oversize=too_long, shortest=shortest)
 
 
 def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], *, max_tokens: int, dp: int = 1,
@@ -381,14 +383,18 @@ def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], 
     ``keep_nonzero``: per-token keys a filler micro-batch keeps as they are (valid target ids);
     every other per-token extra of a filler is zeroed, so its loss mask is empty.
 
+    With a ``plan`` (from :func:`plan_micro_batches` on the sequences' lengths) only this rank's
+    sequences (and a filler's) are read: ``sequences`` may then be a lazy sequence that builds
+    each item on access, so a rank never holds tensors for the whole global batch.
+
     Context parallelism (``cp_size > 1``): slots are padded to a multiple of ``2 * cp_size`` and
     each micro-batch is cut with :func:`shard_for_context_parallel` for ``cp_rank``. The budget
     ``max_tokens`` counts the whole packed row (each CP rank holds ``1 / cp_size`` of it).
     """
     if cp_size > 1:
         seq_multiple = seq_multiple * (2 * cp_size) // math.gcd(seq_multiple, 2 * cp_size)
-    lengths = _check_sequences(sequences, token_key)
     if plan is None:
+        lengths = _check_sequences(sequences, token_key)
         plan = plan_micro_batches(lengths, max_tokens=max_tokens, dp=dp, oversize=oversize, balance=balance,
                                   seq_multiple=seq_multiple)
     if len(plan.micro_batches) != dp or not 0 <= dp_rank < dp:
@@ -400,10 +406,9 @@ def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], 
                                       mask_key=mask_key, pad_id=pad_id, seq_multiple=seq_multiple,
                                       total_multiple=total_multiple, attention=attention))
             continue
-        shortest = min(range(len(lengths)), key=lambda i: (lengths[i], i))
         filler = {key: value if key in (token_key, *keep_nonzero) else torch.zeros_like(value)
-                  for key, value in sequences[shortest].items()}
-        mb = pack_sequences([filler], rows=[shortest], token_key=token_key, mask_key=mask_key, pad_id=pad_id,
+                  for key, value in sequences[plan.shortest].items()}
+        mb = pack_sequences([filler], rows=[plan.shortest], token_key=token_key, mask_key=mask_key, pad_id=pad_id,
                             seq_multiple=seq_multiple, total_multiple=total_multiple, attention=attention)
         mb.num_loss_tokens = 0
         out.append(mb)

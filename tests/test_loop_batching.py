@@ -143,3 +143,23 @@ def test_oversize_policy_and_context_parallel_needs_packing():
     with pytest.raises(ValueError, match="context parallelism needs packed"):
         build_step_data(trajs, dp=1, dp_rank=0, micro_batch_size=2, pad_id=0, cp_size=2)
 
+
+
+def test_a_rank_builds_tensors_only_for_its_own_trajectories(monkeypatch):
+    """Every rank sees the global batch, but builds per-token tensors only for what it packs."""
+    from scope_megatron.trainer import batching
+
+    built: list[int] = []
+    real = batching._sequence
+
+    def counting(t, empty=False):
+        built.append(t.sample + 4 * t.group)
+        return real(t, empty)
+
+    monkeypatch.setattr(batching, "_sequence", counting)
+    trajs = _trajectories(n=12)
+    for rank in range(4):
+        built.clear()
+        data = build_step_data(trajs, dp=4, dp_rank=rank, micro_batch_size=2, pad_id=0, max_tokens_per_microbatch=48)
+        mine = sorted(r for mb in data.micro_batches if mb.num_loss_tokens for r in mb.extras["rows"].tolist())
+        assert sorted(built) == mine and 0 < len(mine) < len(trajs)

@@ -31,6 +31,7 @@ schedule and the gradient all-reduce and adds exactly zero.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +107,19 @@ def _sequence(t: Trajectory, empty: bool = False) -> dict[str, torch.Tensor]:
             "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout}
 
 
+class _LazySequences(SequenceABC):
+    """The trajectories' per-token tensors, built on access: a rank builds only the ones it packs."""
+
+    def __init__(self, trajectories: list[Trajectory]):
+        self._trajectories = trajectories
+
+    def __len__(self) -> int:
+        return len(self._trajectories)
+
+    def __getitem__(self, i):  # an int index (the packer reads single items)
+        return _sequence(self._trajectories[i])
+
+
 def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False) -> MicroBatch:
     """A padded micro-batch [b, max length] (right padding; padding positions carry no loss)."""
     seqs = [_sequence(t, empty) for t in trajs]
@@ -167,7 +181,7 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
         seq_multiple = 2 * cp_size if cp_size > 1 else 1
         plan = plan_micro_batches(positions, max_tokens=max_tokens_per_microbatch, dp=dp, oversize=oversize,
                                   seq_multiple=seq_multiple)
-        micro_batches = build_packed_micro_batches([_sequence(t) for t in kept], max_tokens=max_tokens_per_microbatch,
+        micro_batches = build_packed_micro_batches(_LazySequences(kept), max_tokens=max_tokens_per_microbatch,
                                                    dp=dp, dp_rank=dp_rank, plan=plan, pad_id=pad_id,
                                                    seq_multiple=seq_multiple, cp_size=cp_size, cp_rank=cp_rank)
         count = plan.num_micro_batches
