@@ -3,7 +3,8 @@
 Independent reference: the loss the loop reports at step 1 equals the token-mean NLL of the
 solutions (eos included) given the chat-formatted prompts, computed with plain transformers on
 the initial HF model; the loss then decreases on the same batch, and the exported model's
-NLL (transformers again) is lower than the initial one.
+NLL (transformers again) is lower than the initial one. The run trains on packed micro-batches
+(a token budget), the usual layout for SFT on long solutions.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def sft_run(tmp_path_factory):
     steps = 5
     cmd = [sys.executable, "-m", "scope_megatron.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
            f"run_dir={run_dir}", f"model.student={hf}", f"data.paths=[{data}]", "data.shuffle=false",
-           "algorithm.preset=sft", f"rollout.prompts_per_step={len(RECORDS)}", "parallel.micro_batch_size=2",
+           "algorithm.preset=sft", f"rollout.prompts_per_step={len(RECORDS)}", "parallel.max_tokens_per_microbatch=256",
            f"steps={steps}", "optimizer.lr=1.0e-2", "optimizer.weight_decay=0.0", "checkpoint.every=0",
            f"checkpoint.export_hf_steps=[{steps}]", "teacher.model="]
     proc = subprocess.run(cmd, cwd=REPO, env=loop_env(), capture_output=True, text=True, timeout=200)
@@ -78,6 +79,8 @@ def test_sft_step1_loss_equals_plain_torch_nll(sft_run):
     assert metrics[1]["loss/kl"] == 0.0
     n_tokens = sum(len(r["solution"]) + 1 for r in RECORDS)  # char-level tokenizer + eos
     assert metrics[1]["train/loss_tokens"] == n_tokens
+    assert metrics[1]["train/micro_batches"] < len(RECORDS)  # at least one packed row holds two solutions
+    assert metrics[1]["train/padding_fraction"] == 0.0
 
 
 def test_sft_loss_decreases_and_export_learned(sft_run):
