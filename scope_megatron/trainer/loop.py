@@ -88,6 +88,7 @@ class Trainer:
         self.empty_steps_in_a_row = 0
         self.empty_steps_total = 0
         self.last_saved_step = -1
+        self._padding_hint_given = False
         self._engine_pool = None
         self._engine_futures: dict[str, Any] = {}
 
@@ -499,6 +500,12 @@ class Trainer:
         metrics["data/filtered_uniform_groups"] = data.dropped["uniform_groups"]
         metrics["train/micro_batches"] = data.num_micro_batches
         metrics["train/padding_fraction"] = data.padding_fraction
+        if (self.is_controller and not self._padding_hint_given and p.max_tokens_per_microbatch is None
+                and data.padding_fraction > 0.25):
+            self._padding_hint_given = True
+            logger.info("step %d: %.0f%% of the trained positions are padding; packed micro-batches avoid it "
+                        "(set parallel.max_tokens_per_microbatch, e.g. the longest prompt + response)", step,
+                        100 * data.padding_fraction)
 
         t0 = time.monotonic()
         if self.supervised:  # MLE on given text: no old policy, no teacher scores
