@@ -115,6 +115,11 @@ class AlgorithmConfig:
     mle_form: Optional[str] = None       # ratio | nll
     sampled_kl_coef: Optional[float] = None
     grpo_kl_beta: Optional[float] = None
+    # top-k KL to the teacher on the KL path (beyond the paper): forward | reverse (None: off)
+    topk_kl: Optional[str] = None
+    topk_tail: Optional[bool] = None     # add a "rest of the vocabulary" bucket to the top-k distributions
+    topk_kl_coef: Optional[float] = None
+    topk_k: int = 32                     # teacher's top-k ids per response token (with topk_kl)
     # student log-probs (old and current) from logits / rollout temperature (the reference code)
     scale_logits_by_rollout_temperature: bool = True
     updates_per_batch: int = 1           # optimizer steps per rollout batch (>1: set clip_eps)
@@ -126,7 +131,8 @@ class AlgorithmConfig:
 
     def objective_overrides(self) -> dict[str, Any]:
         keys = ("tau", "normalize", "student_sign", "teacher_sign", "student_uniform", "teacher_uniform",
-                "mle_coef", "kl_coef", "aggregation", "clip_eps", "mle_form", "sampled_kl_coef", "grpo_kl_beta")
+                "mle_coef", "kl_coef", "aggregation", "clip_eps", "mle_form", "sampled_kl_coef", "grpo_kl_beta",
+                "topk_kl", "topk_tail", "topk_kl_coef")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -173,6 +179,7 @@ class LoggingConfig:
     tqdm: bool = True
     peak_tflops: Optional[float] = None  # per device, for MFU; None: from the GPU name (CPU: 0.1 nominal)
     level: str = "INFO"
+    save_rollouts: bool = False          # every step's trajectories to RUN_DIR/rollouts/step_N.jsonl
 
 
 @dataclass
@@ -445,7 +452,10 @@ def validate(c: Config) -> None:
     objective = c.objective_config()
     if a.updates_per_batch > 1 and objective.clip_eps is None:
         raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
-    _require(objective.topk_kl == "none", "algorithm", "top-k KL is not wired into the training loop yet")
+    if objective.topk_kl != "none":
+        _require(objective.method in ("scope", "opd"), "algorithm.topk_kl",
+                 f"top-k KL is a term of the KL path (scope / opd presets), not of {a.preset!r}")
+        _require(a.topk_k >= 1, "algorithm.topk_k", f"must be >= 1, got {a.topk_k}")
     o = c.optimizer
     _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     echo("")
     echo("\n".join(table))
     echo("")
-    echo(f"held-out Avg@1 by step: " + ", ".join(f"{st}: {v:.0%}" for st, v in held))
+    echo("held-out Avg@1 by step: " + ", ".join(f"{st}: {v:.0%}" for st, v in held))
     echo(f"done in {seconds / 60:.1f} min")
     echo(f"  plot:        {plot}")
     echo(f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}")

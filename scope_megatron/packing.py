@@ -34,7 +34,7 @@ nothing but the order of floating-point sums.
 
 Per-token extras of a packed micro-batch:
 
-* every per-token key of the input sequences, [1, T], zero (False) on padding;
+* every per-token key of the input sequences, [1, T] (or [1, T, ...]), zero (False) on padding;
 * ``"token_trajectory"`` [1, T] int64: the index (0..n-1) of the sequence each token belongs to
   (padding belongs to the slot it pads) -- ``objective_loss(..., token_trajectory=...)`` with
   ``coefficients = plan.select(extras["rows"])``;
@@ -97,8 +97,12 @@ def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], token_key:
         if n < 1:
             raise ValueError(f"sequence {i} is empty")
         for key, value in seq.items():
-            if value.dim() != 1 or value.numel() != n:
-                raise ValueError(f"sequence {i}: {key!r} must be 1-D of length {n}, got {tuple(value.shape)}")
+            if value.dim() < 1 or value.shape[0] != n or (key == token_key and value.dim() != 1):
+                raise ValueError(f"sequence {i}: {key!r} must be [{n}] or [{n}, ...] (one row per token), "
+                                 f"got {tuple(value.shape)}")
+            if value.shape[1:] != sequences[0][key].shape[1:]:
+                raise ValueError(f"sequence {i}: {key!r} has per-token shape {tuple(value.shape[1:])}, sequence 0 "
+                                 f"has {tuple(sequences[0][key].shape[1:])}")
         lengths.append(n)
     return lengths
 
@@ -106,10 +110,11 @@ def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], token_key:
 def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, rows: Sequence[int] | None = None,
                    token_key: str = "tokens", mask_key: str | None = "mask", pad_id: int = 0,
                    seq_multiple: int = 1, total_multiple: int = 1, attention: str = "auto") -> PackedMicroBatch:
-    """Concatenate sequences (dicts of equal-length 1-D per-token tensors) into one packed row.
+    """Concatenate sequences (dicts of per-token tensors of equal length) into one packed row.
 
     Args:
-        sequences: per sequence, ``{token_key: ids [L], other per-token tensors [L]}``.
+        sequences: per sequence, ``{token_key: ids [L], other per-token tensors [L] or [L, ...]}``
+            (e.g. a teacher's top-k ids [L, K]); they become [1, T] / [1, T, ...] extras.
         rows: the sequences' indices in the global batch (stored as ``extras["rows"]``).
         mask_key: the boolean loss mask; ``num_loss_tokens`` is its sum (0 without one).
         pad_id: token id of padding tokens.
@@ -129,7 +134,7 @@ def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, rows: Seq
     out: dict[str, torch.Tensor] = {}
     for key, first in sequences[0].items():
         fill = pad_id if key == token_key else 0
-        row = torch.full((total,), fill, dtype=first.dtype, device=first.device)
+        row = torch.full((total, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
         start = 0
         for seq, n, slot in zip(sequences, lengths, slots):
             row[start:start + n] = seq[key]
@@ -220,7 +225,7 @@ def pad_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, token_key:
     out = {}
     for key, first in sequences[0].items():
         fill = pad_id if key == token_key else 0
-        stacked = torch.full((len(sequences), width), fill, dtype=first.dtype, device=first.device)
+        stacked = torch.full((len(sequences), width, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
         for i, seq in enumerate(sequences):
             stacked[i, :lengths[i]] = seq[key]
         out[key] = stacked

@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 

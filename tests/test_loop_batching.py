@@ -17,6 +17,10 @@ from scope_megatron.trainer.batching import build_step_data
 from scope_megatron.trainer.controller import Trajectory
 
 
+K = 3  # the teacher's top-k per response token
+PER_TOKEN = ("targets", "mask", "teacher_lp", "rollout_lp", "teacher_topk_ids", "teacher_topk_lp")
+
+
 def _trajectories(n: int = 11, seed: int = 0) -> list[Trajectory]:
     rng = random.Random(seed)
     out = []
@@ -27,7 +31,9 @@ def _trajectories(n: int = 11, seed: int = 0) -> list[Trajectory]:
                               response_ids=[rng.randint(1, 99) for _ in range(r)],
                               rollout_logprobs=[-rng.random() for _ in range(r)],
                               teacher_logprobs=[-rng.random() - 1 for _ in range(r)],
-                              reward=float(i % 3 == 0), reward_status="correct", finish="stop"))
+                              reward=float(i % 3 == 0), reward_status="correct", finish="stop",
+                              teacher_topk_ids=[rng.sample(range(1, 99), K) for _ in range(r)],
+                              teacher_topk_logprobs=[[-rng.random() - 2 for _ in range(K)] for _ in range(r)]))
     return out
 
 
@@ -40,8 +46,11 @@ def _expected(t: Trajectory) -> dict[str, torch.Tensor]:
     rollout = torch.zeros(n)
     teacher[start:start + r] = torch.tensor(t.teacher_logprobs)
     rollout[start:start + r] = torch.tensor(t.rollout_logprobs)
+    topk_ids, topk_lp = torch.zeros(n, K), torch.zeros(n, K)
+    topk_ids[start:start + r] = torch.tensor(t.teacher_topk_ids, dtype=torch.float32)
+    topk_lp[start:start + r] = torch.tensor(t.teacher_topk_logprobs)
     return {"tokens": torch.tensor(seq[:-1]), "targets": torch.tensor(seq[1:]), "mask": mask,
-            "teacher_lp": teacher, "rollout_lp": rollout}
+            "teacher_lp": teacher, "rollout_lp": rollout, "teacher_topk_ids": topk_ids, "teacher_topk_lp": topk_lp}
 
 
 def _seen_padded(data) -> dict[int, dict[str, torch.Tensor]]:
@@ -52,8 +61,7 @@ def _seen_padded(data) -> dict[int, dict[str, torch.Tensor]]:
                 continue  # the zero-weight micro-batch of a rank without trajectories
             n = int(mb.extras["mask"][i].nonzero().max()) + 1  # real tokens end with the last response token
             assert row not in seen
-            seen[row] = {"tokens": mb.tokens[i, :n], **{k: mb.extras[k][i, :n] for k in
-                                                      ("targets", "mask", "teacher_lp", "rollout_lp")}}
+            seen[row] = {"tokens": mb.tokens[i, :n], **{k: mb.extras[k][i, :n] for k in PER_TOKEN}}
     return seen
 
 
@@ -62,7 +70,7 @@ def test_padded_layout_holds_every_trajectory_once(dp):
     trajs = _trajectories()
     seen = {}
     for rank in range(dp):
-        data = build_step_data(trajs, dp=dp, dp_rank=rank, micro_batch_size=2, pad_id=0)
+        data = build_step_data(trajs, dp=dp, dp_rank=rank, micro_batch_size=2, pad_id=0, teacher_topk=K)
         assert all(mb.tokens.shape[0] <= 2 for mb in data.micro_batches)
         seen.update(_seen_padded(data))
     assert sorted(seen) == list(range(len(trajs)))
@@ -77,7 +85,7 @@ def test_packed_layout_holds_every_trajectory_once(dp, cp, budget):
     """Packed rows, cut per CP rank and gathered back, unpack to each trajectory's hand-built tensors."""
     trajs = _trajectories()
     per_rank = {(d, c): build_step_data(trajs, dp=dp, dp_rank=d, micro_batch_size=2, pad_id=0,
-                                        max_tokens_per_microbatch=budget, cp_size=cp, cp_rank=c)
+                                        max_tokens_per_microbatch=budget, cp_size=cp, cp_rank=c, teacher_topk=K)
                 for d in range(dp) for c in range(cp)}
     counts = {len(data.micro_batches) for data in per_rank.values()}
     assert counts == {per_rank[0, 0].num_micro_batches}  # the same count on every rank
@@ -89,11 +97,12 @@ def test_packed_layout_holds_every_trajectory_once(dp, cp, budget):
             assert sum(s.num_loss_tokens for s in shards) == sum(int(s.extras["mask"].sum()) for s in shards)
             whole = shards[0]
             values = {}
-            for key in ("targets", "mask", "teacher_lp", "rollout_lp", "token_trajectory"):
+            for key in (*PER_TOKEN, "token_trajectory"):
                 if cp == 1:
-                    values[key] = whole.extras[key]
+                    values[key] = whole.extras[key][0]
                 else:  # what gather_from_context_parallel does over a CP group, done by hand
-                    full = torch.empty(int(whole.slot_bounds[-1]), dtype=whole.extras[key].dtype)
+                    local = whole.extras[key][0]
+                    full = torch.empty((int(whole.slot_bounds[-1]), *local.shape[1:]), dtype=local.dtype)
                     for c, s in enumerate(shards):
                         full[s.local_index()] = s.extras[key][0]
                     values[key] = full
@@ -105,11 +114,10 @@ def test_packed_layout_holds_every_trajectory_once(dp, cp, budget):
                 continue  # a filler
             # token_trajectory indexes the micro-batch's rows, which are global trajectory indices
             rows = whole.extras["rows"].tolist()
-            owner = whole.extras["rows"][values["token_trajectory"].reshape(-1)]
+            owner = whole.extras["rows"][values["token_trajectory"]]
             for i, (row, toks) in enumerate(zip(rows, unpack(tokens, whole))):
                 assert row not in seen
-                got = {"tokens": toks, **{k: unpack(values[k].reshape(1, -1), whole)[i] for k in
-                                           ("targets", "mask", "teacher_lp", "rollout_lp")}}
+                got = {"tokens": toks, **{k: unpack(values[k], whole)[i] for k in PER_TOKEN}}
                 seen[row] = got
                 start = int(whole.slot_bounds[i])
                 assert bool((owner[start:start + toks.numel()] == row).all())
@@ -152,9 +160,9 @@ def test_a_rank_builds_tensors_only_for_its_own_trajectories(monkeypatch):
     built: list[int] = []
     real = batching._sequence
 
-    def counting(t, empty=False):
+    def counting(t, empty=False, topk=0):
         built.append(t.sample + 4 * t.group)
-        return real(t, empty)
+        return real(t, empty, topk)
 
     monkeypatch.setattr(batching, "_sequence", counting)
     trajs = _trajectories(n=12)

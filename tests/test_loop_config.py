@@ -41,6 +41,7 @@ def test_tiny_config_and_overrides():
     ("parallel.cp=2", "parallel.max_tokens_per_microbatch"),  # CP splits packed rows: it needs a budget
     ("parallel.max_tokens_per_microbatch=0", "parallel.max_tokens_per_microbatch"),
     ("parallel.oversize_sequences=split", "parallel.oversize_sequences"),
+    ("algorithm.topk_kl=sideways", "algorithm"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:
@@ -60,6 +61,17 @@ def test_context_parallel_checks():
     check_world(cfg, 8)  # DP 2
     with pytest.raises(ConfigError, match=r"tp\*pp\*cp = 2\*1\*2"):
         check_world(cfg, 6)
+
+
+def test_topk_kl_config():
+    cfg = load_config(TINY_CONFIG, ["algorithm.topk_kl=reverse", "algorithm.topk_k=4", "algorithm.sampled_kl_coef=0"])
+    objective = cfg.objective_config()
+    assert (objective.topk_kl, objective.sampled_kl_coef, objective.topk_kl_coef) == ("reverse", 0.0, 1.0)
+    for overrides, field in ((["algorithm.topk_kl=forward", "algorithm.topk_k=0"], "algorithm.topk_k"),
+                             (["algorithm.topk_kl=forward", "algorithm.preset=grpo"], "algorithm.topk_kl")):
+        with pytest.raises(ConfigError) as info:
+            load_config(TINY_CONFIG, overrides)
+        assert info.value.field == field, str(info.value)
 
 
 @pytest.mark.parametrize("name", ["r1_distill_qwen_1p5b_from_skywork_or1_7b.yaml", "qwen3_1p7b_base_from_qwen3_8b.yaml"])

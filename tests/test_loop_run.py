@@ -53,7 +53,7 @@ def run(request, assets, tmp_path_factory):
     # responses up to 40 tokens: long enough to span both CP ranks' chunks of a packed trajectory
     proc = run_train(*asset_overrides(assets, run_dir, student), *LAYOUTS[layout], f"steps={STEPS}",
                      "rollout.max_new_tokens=40",
-                     "checkpoint.every=1", "checkpoint.keep_last=2", f"checkpoint.export_hf_steps=[1,2,3]",
+                     "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.export_hf_steps=[1,2,3]",
                      nproc=2, timeout=280)
     assert proc.returncode == 0, tail(proc)
     return layout, run_dir
@@ -126,8 +126,6 @@ RESUME_AT = {"tp2": "cp2_packed", "dp2_packed": "pp2"}
 def test_resume_at_another_layout(run, assets, tmp_path):
     """Step 3 after resuming step 2's checkpoint under a different layout equals step 3 of the run:
     same metrics, and the same weights after the update (so the Adam moments were resharded, not reset)."""
-    import torch
-
     from tests.loop_utils import load_safetensors
 
     layout, run_dir = run

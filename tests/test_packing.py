@@ -78,8 +78,11 @@ def test_packed_micro_batch_validates():
         PackedMicroBatch(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="empty"):
         pack_sequences([{"tokens": torch.zeros(0, dtype=torch.long)}])
-    with pytest.raises(ValueError, match="length"):
+    with pytest.raises(ValueError, match=r"must be \[3\] or \[3, \.\.\.\] \(one row per token\)"):
         pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "mask": torch.zeros(2)}])
+    with pytest.raises(ValueError, match="per-token shape"):  # [L, K] extras must agree on K
+        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "ids": torch.zeros(3, 4)},
+                        {"tokens": torch.zeros(2, dtype=torch.long), "ids": torch.zeros(2, 5)}])
     moved = pack_sequences(_seqs([2, 3]), attention="mask").to("cpu")
     assert isinstance(moved, PackedMicroBatch) and moved.attention == "mask" and moved.cu_seqlens.tolist() == [0, 2, 5]
 

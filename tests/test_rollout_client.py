@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from scope_megatron.rollout.client import SGLangClient
 from scope_megatron.rollout.embedded_server import start_embedded_server
-from scope_megatron.rollout.protocol import SamplingParams
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
 from scope_megatron.tiny_models import save_tiny_hf_model
 from tests.dist_utils import run_ranks

@@ -90,8 +90,9 @@ def filter_trajectories(trajectories: list[Trajectory], filter_uniform_groups: b
     return kept, dropped
 
 
-def _sequence(t: Trajectory, empty: bool = False) -> dict[str, torch.Tensor]:
-    """One trajectory's per-token tensors (P + R - 1 positions); ``empty``: no loss tokens."""
+def _sequence(t: Trajectory, empty: bool = False, topk: int = 0) -> dict[str, torch.Tensor]:
+    """One trajectory's per-token tensors (P + R - 1 positions); ``empty``: no loss tokens;
+    ``topk``: also the teacher's top-k ids / log-probs [P + R - 1, topk] (zero outside the response)."""
     seq = t.prompt_ids + t.response_ids
     n = len(seq) - 1
     start, r = len(t.prompt_ids) - 1, len(t.response_ids)
@@ -103,32 +104,42 @@ def _sequence(t: Trajectory, empty: bool = False) -> dict[str, torch.Tensor]:
     teacher[start:start + r] = torch.tensor(t.teacher_logprobs, dtype=torch.float32)
     if len(t.rollout_logprobs) == r:
         rollout[start:start + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
-    return {"tokens": torch.tensor(seq[:-1], dtype=torch.long), "targets": torch.tensor(seq[1:], dtype=torch.long),
-            "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout}
+    out = {"tokens": torch.tensor(seq[:-1], dtype=torch.long), "targets": torch.tensor(seq[1:], dtype=torch.long),
+           "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout}
+    if topk:
+        ids = torch.zeros((n, topk), dtype=torch.long)
+        logprobs = torch.zeros((n, topk), dtype=torch.float32)
+        ids[start:start + r] = torch.tensor(t.teacher_topk_ids, dtype=torch.long).reshape(r, topk)
+        logprobs[start:start + r] = torch.tensor(t.teacher_topk_logprobs, dtype=torch.float32).reshape(r, topk)
+        out["teacher_topk_ids"], out["teacher_topk_lp"] = ids, logprobs
+    return out
 
 
 class _LazySequences(SequenceABC):
     """The trajectories' per-token tensors, built on access: a rank builds only the ones it packs."""
 
-    def __init__(self, trajectories: list[Trajectory]):
+    def __init__(self, trajectories: list[Trajectory], topk: int):
         self._trajectories = trajectories
+        self._topk = topk
 
     def __len__(self) -> int:
         return len(self._trajectories)
 
     def __getitem__(self, i):  # an int index (the packer reads single items)
-        return _sequence(self._trajectories[i])
+        return _sequence(self._trajectories[i], topk=self._topk)
 
 
-def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False) -> MicroBatch:
+def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False,
+                 topk: int = 0) -> MicroBatch:
     """A padded micro-batch [b, max length] (right padding; padding positions carry no loss)."""
-    seqs = [_sequence(t, empty) for t in trajs]
+    seqs = [_sequence(t, empty, topk) for t in trajs]
     width = max(s["tokens"].numel() for s in seqs)
     extras: dict[str, torch.Tensor] = {}
     for key, first in seqs[0].items():
-        stacked = torch.full((len(seqs), width), pad_id if key in ("tokens", "targets") else 0, dtype=first.dtype)
+        stacked = torch.full((len(seqs), width, *first.shape[1:]), pad_id if key in ("tokens", "targets") else 0,
+                             dtype=first.dtype)
         for i, s in enumerate(seqs):
-            stacked[i, :s[key].numel()] = s[key]
+            stacked[i, :s[key].shape[0]] = s[key]
         extras[key] = stacked
     tokens = extras.pop("tokens")
     extras["rows"] = torch.tensor(rows, dtype=torch.long)
@@ -154,18 +165,29 @@ def _padded_layout(positions: list[int], dp: int, micro_batch_size: int) -> tupl
 
 def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, micro_batch_size: int, pad_id: int,
                     filter_uniform_groups: bool = False, max_tokens_per_microbatch: int | None = None,
-                    cp_size: int = 1, cp_rank: int = 0, oversize: str = "alone") -> StepData | None:
+                    cp_size: int = 1, cp_rank: int = 0, oversize: str = "alone",
+                    teacher_topk: int = 0) -> StepData | None:
     """Global tensors and this rank's micro-batches; None when every trajectory was filtered out.
 
     ``max_tokens_per_microbatch=None`` forms padded micro-batches of ``micro_batch_size``
     trajectories; a budget forms packed ones (``oversize``: what to do with a trajectory longer
     than the budget, see :mod:`scope_megatron.packing`). ``cp_size > 1`` needs a budget.
+    ``teacher_topk > 0`` adds the per-token extras ``teacher_topk_ids`` / ``teacher_topk_lp``
+    ([..., teacher_topk]) from each trajectory's teacher top-k rows.
     """
     if cp_size > 1 and max_tokens_per_microbatch is None:
         raise ValueError("context parallelism needs packed micro-batches: set max_tokens_per_microbatch")
     kept, dropped = filter_trajectories(trajectories, filter_uniform_groups)
     if not kept:
         return None
+    if teacher_topk:
+        for t in kept:
+            r = len(t.response_ids)
+            if len(t.teacher_topk_ids) != r or len(t.teacher_topk_logprobs) != r or any(
+                    len(a) != teacher_topk or len(b) != teacher_topk
+                    for a, b in zip(t.teacher_topk_ids, t.teacher_topk_logprobs)):
+                raise ValueError(f"trajectory (prompt {t.prompt_index}, sample {t.sample}): the teacher's top-k "
+                                 f"must have {r} rows of {teacher_topk} ids and log-probs")
     group_map: dict[int, int] = {}
     group_ids = torch.tensor([group_map.setdefault(t.group, len(group_map)) for t in kept], dtype=torch.long)
     lengths = [len(t.response_ids) for t in kept]
@@ -173,15 +195,16 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     positions = [len(t.prompt_ids) + len(t.response_ids) - 1 for t in kept]  # tokens per trajectory
     if max_tokens_per_microbatch is None:
         layout, total = _padded_layout(positions, dp, micro_batch_size)
-        micro_batches = [_micro_batch([kept[r] for r in rows], rows, pad_id) for rows in layout[dp_rank]]
+        micro_batches = [_micro_batch([kept[r] for r in rows], rows, pad_id, topk=teacher_topk)
+                         for rows in layout[dp_rank]]
         if not micro_batches:  # fewer trajectories than DP ranks: a zero-weight micro-batch
-            micro_batches.append(_micro_batch([kept[0]], [0], pad_id, empty=True))
+            micro_batches.append(_micro_batch([kept[0]], [0], pad_id, empty=True, topk=teacher_topk))
         count = max(max(len(g) for g in layout), 1)
     else:
         seq_multiple = 2 * cp_size if cp_size > 1 else 1
         plan = plan_micro_batches(positions, max_tokens=max_tokens_per_microbatch, dp=dp, oversize=oversize,
                                   seq_multiple=seq_multiple)
-        micro_batches = build_packed_micro_batches(_LazySequences(kept), max_tokens=max_tokens_per_microbatch,
+        micro_batches = build_packed_micro_batches(_LazySequences(kept, teacher_topk), max_tokens=max_tokens_per_microbatch,
                                                    dp=dp, dp_rank=dp_rank, plan=plan, pad_id=pad_id,
                                                    seq_multiple=seq_multiple, cp_size=cp_size, cp_rank=cp_rank)
         count = plan.num_micro_batches

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -57,6 +58,9 @@ class Trajectory:
     reward_status: str
     finish: str                # stop | length | abort
     weight_version: str | None = None
+    # teacher's top-k per response token (only with algorithm.topk_kl): [R][K] ids and log-probs
+    teacher_topk_ids: list[list[int]] = field(default_factory=list)
+    teacher_topk_logprobs: list[list[float]] = field(default_factory=list)
 
     @property
     def correct(self) -> bool:
@@ -89,7 +93,8 @@ class RolloutController:
     def __init__(self, *, student_url: str, teacher_url: str, group_size: int, sampling: Any, seed: int,
                  seeded: bool, tokenizer: Any, reward_pool: Any, loop: Any, api_key: str | None = None,
                  max_concurrency: int = 256, teacher_max_concurrency: int = 256, request_timeout_s: float = 3600.0,
-                 max_retries: int = 3, retry_backoff_s: float = 0.5, reward_function: Any = None):
+                 max_retries: int = 3, retry_backoff_s: float = 0.5, reward_function: Any = None,
+                 teacher_topk: int = 0):
         from ..rollout.client import SGLangClient
 
         self.student_url = student_url
@@ -97,6 +102,7 @@ class RolloutController:
         self.group_size = group_size
         self.sampling = sampling
         self.seed = seed
+        self.teacher_topk = teacher_topk  # > 0: the teacher also returns its top-k at every response token
         self.seeded = seeded
         self.tokenizer = tokenizer
         self.reward_pool = reward_pool
@@ -149,18 +155,27 @@ class RolloutController:
             marks["generate_end"] = max(marks["generate_end"], time.monotonic())
             return result
 
-        async def score(rec: Any, result: Any) -> list[float]:
+        async def score(rec: Any, result: Any) -> tuple[list[float], list[list[int]], list[list[float]]]:
+            """Teacher log-probs of the response tokens, and its top-k ids / log-probs per token."""
             if not result.output_ids:
-                return []
+                return [], [], []
             if marks["teacher_first"] is None:
                 marks["teacher_first"] = time.monotonic()
             try:
-                scored = await self.teacher.score(rec.prompt_ids, result.output_ids)
+                scored = await self.teacher.score(rec.prompt_ids, result.output_ids, top_logprobs_num=self.teacher_topk)
             except SGLangError as exc:
                 raise EngineFailure(f"teacher engine {self.teacher_url} failed while scoring (step {step}): "
                                     f"{exc}") from exc
             marks["teacher_end"] = max(marks["teacher_end"], time.monotonic())
-            return scored.token_logprobs
+            ids: list[list[int]] = []
+            logprobs: list[list[float]] = []
+            for j, row in enumerate(scored.top_logprobs or []):
+                if len(row) != self.teacher_topk or any(not math.isfinite(lp) or lp > 1e-4 for _, lp in row):
+                    raise EngineFailure(f"teacher engine {self.teacher_url} returned a malformed top-{self.teacher_topk} "
+                                        f"row for response token {j} (step {step}): {row[:4]}...")
+                ids.append([int(i) for i, _ in row])
+                logprobs.append([float(lp) for _, lp in row])
+            return scored.token_logprobs, ids, logprobs
 
         async def sample_and_score(tg: asyncio.TaskGroup, rec: Any, sample: int):
             result = await generate(rec, sample)
@@ -183,8 +198,9 @@ class RolloutController:
             return [Trajectory(group=gi, prompt_index=rec.index, sample=s, prompt_ids=list(rec.prompt_ids),
                                response_ids=list(r.output_ids), rollout_logprobs=list(r.output_logprobs or []),
                                teacher_logprobs=list(lp), reward=float(rw.reward), reward_status=rw.status,
-                               finish=r.finish_reason.type, weight_version=r.weight_version)
-                    for s, (r, lp, rw) in enumerate(zip(results, teacher, rewards))]
+                               finish=r.finish_reason.type, weight_version=r.weight_version, teacher_topk_ids=ids,
+                               teacher_topk_logprobs=top)
+                    for s, (r, (lp, ids, top), rw) in enumerate(zip(results, teacher, rewards))]
 
         try:
             async with asyncio.TaskGroup() as tg:

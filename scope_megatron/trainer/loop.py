@@ -165,6 +165,8 @@ class Trainer:
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=updates, min_lr=o.min_lr)
         self.optimizer = GuardedOptimizer(optimizer)
         self.objective = cfg.objective_config()
+        # the teacher's top-k per response token, for the top-k KL term (0: not requested)
+        self.teacher_topk = cfg.algorithm.topk_k if self.objective.topk_kl != "none" and not cfg.supervised else 0
         scale = cfg.algorithm.scale_logits_by_rollout_temperature and not self.supervised  # sft/kd: plain NLL
         self.logprob_temperature = cfg.rollout.temperature if scale else 1.0
 
@@ -279,7 +281,8 @@ class Trainer:
                 seed=cfg.seed, seeded=r.seeded, tokenizer=self.tokenizer, reward_pool=self.reward_pool, loop=self.loop,
                 api_key=r.api_key, max_concurrency=r.max_concurrency, teacher_max_concurrency=t.max_concurrency,
                 request_timeout_s=r.request_timeout_s, max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
-                reward_function=load_function(cfg.algorithm.reward_function) if cfg.algorithm.reward_function else None)
+                reward_function=load_function(cfg.algorithm.reward_function) if cfg.algorithm.reward_function else None,
+                teacher_topk=self.teacher_topk)
             self.controller.wait_ready(timeout_s=600)
         s = cfg.sync
         tolerance = s.verify_tolerance or (1e-3 if self.dtype == torch.float32 else 0.25)
@@ -451,20 +454,29 @@ class Trainer:
         return (sums.cpu() / data.response_lengths.double())
 
     def _loss_fn(self, plan):
-        from ..objective import objective_loss, vocab_parallel_logprobs
+        from ..objective import objective_loss, vocab_parallel_logprobs, vocab_parallel_topk_kl
 
         vocab, temperature, objective = self.arch.vocab_size, self.logprob_temperature, self.objective
         supervised = self.supervised
+        use_topk = self.teacher_topk > 0
 
         def loss_fn(logits, mb):
-            lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab,
-                                                  temperature=temperature, return_entropy=True, check_finite=False)
+            topk = None
+            if use_topk:  # one pass over the logits: sampled-token log-probs and the top-k KL per token
+                out = vocab_parallel_topk_kl(logits, mb.extras["targets"], mb.extras["teacher_topk_ids"],
+                                             mb.extras["teacher_topk_lp"], vocab_size=vocab,
+                                             direction=objective.topk_kl, tail=objective.topk_tail,
+                                             temperature=temperature, return_entropy=True, check_finite=False)
+                lp, topk, entropy = out.target_logprobs, out.topk_kl, out.entropy
+            else:
+                lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab,
+                                                      temperature=temperature, return_entropy=True, check_finite=False)
             coefficients = plan.select(mb.extras["rows"].cpu()).to(logits.device)
             out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=mb.extras["mask"],
                                  old_logprobs=mb.extras.get("old_lp"),
                                  teacher_logprobs=None if supervised else mb.extras["teacher_lp"],
                                  rollout_logprobs=None if supervised else mb.extras["rollout_lp"], entropy=entropy,
-                                 token_trajectory=mb.extras.get("token_trajectory"), check_finite=False)
+                                 topk_kl=topk, token_trajectory=mb.extras.get("token_trajectory"), check_finite=False)
             return out.loss, out.metrics
 
         return loss_fn
@@ -476,6 +488,8 @@ class Trainer:
         cfg = self.cfg
         t_step = time.monotonic()
         batch = self._rollouts(step)
+        if self.is_controller and cfg.logging.save_rollouts:
+            self._save_rollouts(batch)
         metrics: dict[str, float] = dict(batch.timings)
         metrics.update(self._batch_metrics(batch, step))
         p = cfg.parallel
@@ -483,7 +497,8 @@ class Trainer:
                                micro_batch_size=p.micro_batch_size, pad_id=0,
                                filter_uniform_groups=cfg.algorithm.filter_uniform_groups,
                                max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
-                               cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences)
+                               cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences,
+                               teacher_topk=self.teacher_topk)
         if data is None:
             self.empty_steps_in_a_row += 1
             self.empty_steps_total += 1
@@ -570,6 +585,19 @@ class Trainer:
         if self._eval_due(step):
             metrics.update(self._evaluate(step))
         self._finish_step(step, metrics)
+
+    def _save_rollouts(self, batch: RolloutBatch) -> None:
+        """One JSON line per trajectory (every Trajectory field, plus ``correct``) to RUN_DIR/rollouts/step_N.jsonl."""
+        import dataclasses
+        import json
+
+        out = self.run_dir / "rollouts" / f"step_{batch.step:08d}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".jsonl.partial")
+        with partial.open("w") as f:
+            for t in batch.trajectories:
+                f.write(json.dumps({**dataclasses.asdict(t), "correct": t.correct}) + "\n")
+        partial.replace(out)
 
     def _eval_due(self, step: int) -> bool:
         e = self.cfg.eval
