@@ -102,3 +102,15 @@ def test_entry_point_reports_config_errors_and_prints_config(tmp_path):
                            "steps=7"], cwd=REPO, env=loop_env(), capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and "steps: 7" in good.stdout
     assert Path(REPO / "docs" / "training.md").is_file()
+
+
+def test_a_trajectory_over_the_budget_with_oversize_error_aborts_the_run(tmp_path):
+    """parallel.oversize_sequences=error: the step stops with a message naming the budget, exit 1."""
+    from scope_megatron.trainer.tiny import prepare
+    from tests.loop_utils import asset_overrides, run_train
+
+    assets = prepare(tmp_path / "tiny")
+    proc = run_train(*asset_overrides(assets, tmp_path / "run"), "steps=1", "parallel.max_tokens_per_microbatch=16",
+                     "parallel.oversize_sequences=error", timeout=180)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "ABORTED: step 1:" in proc.stderr and "exceed max_tokens_per_microbatch = 16" in proc.stderr

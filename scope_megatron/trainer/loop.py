@@ -493,12 +493,15 @@ class Trainer:
         metrics: dict[str, float] = dict(batch.timings)
         metrics.update(self._batch_metrics(batch, step))
         p = cfg.parallel
-        data = build_step_data(batch.trajectories, dp=self.layout.dp, dp_rank=self.layout.dp_rank,
-                               micro_batch_size=p.micro_batch_size, pad_id=0,
-                               filter_uniform_groups=cfg.algorithm.filter_uniform_groups,
-                               max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
-                               cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences,
-                               teacher_topk=self.teacher_topk)
+        try:  # every rank sees the same batch, so every rank fails the same way
+            data = build_step_data(batch.trajectories, dp=self.layout.dp, dp_rank=self.layout.dp_rank,
+                                   micro_batch_size=p.micro_batch_size, pad_id=0,
+                                   filter_uniform_groups=cfg.algorithm.filter_uniform_groups,
+                                   max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
+                                   cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences,
+                                   teacher_topk=self.teacher_topk)
+        except ValueError as exc:
+            raise TrainingAborted(f"step {step}: {exc}") from exc
         if data is None:
             self.empty_steps_in_a_row += 1
             self.empty_steps_total += 1
