@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..megatron_step import MicroBatch
-from ..packing import build_packed_micro_batches, plan_micro_batches, round_up
+from ..packing import build_packed_micro_batches, pad_sequences, plan_micro_batches, round_up
 from .controller import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -132,18 +132,7 @@ class _LazySequences(SequenceABC):
 def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False,
                  topk: int = 0) -> MicroBatch:
     """A padded micro-batch [b, max length] (right padding; padding positions carry no loss)."""
-    seqs = [_sequence(t, empty, topk) for t in trajs]
-    width = max(s["tokens"].numel() for s in seqs)
-    extras: dict[str, torch.Tensor] = {}
-    for key, first in seqs[0].items():
-        stacked = torch.full((len(seqs), width, *first.shape[1:]), pad_id if key in ("tokens", "targets") else 0,
-                             dtype=first.dtype)
-        for i, s in enumerate(seqs):
-            stacked[i, :s[key].shape[0]] = s[key]
-        extras[key] = stacked
-    tokens = extras.pop("tokens")
-    extras["rows"] = torch.tensor(rows, dtype=torch.long)
-    return MicroBatch(tokens, extras, int(extras["mask"].sum()))
+    return pad_sequences([_sequence(t, empty, topk) for t in trajs], rows=rows, pad_id=pad_id)
 
 
 def rank_share(lengths: list[int], dp: int, dp_rank: int) -> list[int]:
