@@ -23,7 +23,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    handle = start_embedded_server(model_dir, random_seed=0, max_batch_size=8)
+    # seeded tests: sampling_seed is honoured only in deterministic mode, as in SGLang
+    handle = start_embedded_server(model_dir, random_seed=0, max_batch_size=8, enable_deterministic_inference=True)
     yield handle
     handle.stop()
 
@@ -156,7 +157,10 @@ def test_n_groups_samples_per_prompt(server):
     assert len(res) == 6
     for k, item in enumerate(res):
         assert item["meta_info"]["prompt_tokens"] == len(PROMPTS[k // 3])
-    assert len({tuple(r["output_ids"]) for r in res[:3]}) > 1
+    # SGLang copies the request n times with the same seed: deterministic mode gives n equal samples
+    assert len({tuple(r["output_ids"]) for r in res[:3]}) == 1
+    single = post(server, {"input_ids": PROMPTS[0], "sampling_params": sampling(sampling_seed=1)})
+    assert res[0]["output_ids"] == single["output_ids"]
 
 
 def test_text_input_and_output(server):

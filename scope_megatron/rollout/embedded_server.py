@@ -40,7 +40,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from .engine import EmbeddedEngine, EngineConfig, EngineError, GenRequest
+from .engine import EmbeddedEngine, EngineConfig, EngineError, EngineFatal, GenRequest
 from .protocol import ProtocolError, expect_bool, expect_int, expect_int_list, validate_sampling_params
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,20 @@ logger = logging.getLogger(__name__)
 # Known sampling keys the embedded engine does not implement: non-null values are refused.
 UNSUPPORTED_SAMPLING_KEYS = ("stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias",
                              "custom_params", "watermark", "choice")
-OPEN_PATHS = ("/health", "/health_generate", "/ready", "/metrics")
+# SGLang 0.5.23 srt/utils/auth.py:101-106: probes are open, matched by prefix
+OPEN_PATH_PREFIXES = ("/health", "/ready", "/metrics")
+# the endpoints SGLang 0.5.23 marks @auth_level(AuthLevel.ADMIN_OPTIONAL) (srt/entrypoints/http_server.py)
 ADMIN_PATHS = ("/update_weights_from_disk", "/init_weights_update_group", "/update_weights_from_distributed",
                "/destroy_weights_update_group", "/begin_weight_update", "/end_weight_update", "/pause_generation",
-               "/continue_generation", "/flush_cache", "/abort_request", "/update_weight_version")
-FLUSH_FAILED_AFTER_UPDATE = ("Weights were updated, but the cache was not flushed because requests are still "
-                             "running; call /flush_cache")
+               "/continue_generation", "/flush_cache", "/abort_request", "/update_weight_version",
+               "/get_weights_by_name")
+# SGLang 0.5.23 srt/entrypoints/http_server.py:218 (an int, read once)
+HEALTH_CHECK_TIMEOUT_ENV = "SGLANG_HEALTH_CHECK_TIMEOUT"
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 20
+# the environment torchrun gives its ranks: an engine started by a trainer rank must not inherit it
+TORCHRUN_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_ENV_PREFIXES = ("TORCHELASTIC_",)
 
 
 # ---------------------------------------------------------------------------- /generate parsing
@@ -147,9 +155,9 @@ def parse_generate_request(body: Any, engine: EmbeddedEngine) -> tuple[list[GenR
     requests: list[GenRequest] = []
     for i in range(batch):
         for k in range(n):
+            # SGLang 0.5.23 srt/managers/tokenizer_manager.py:2163-2183 copies the request for each of
+            # the n samples: the same sampling_seed, so identical samples under deterministic inference
             p = dict(params[i])
-            if n > 1 and p.get("sampling_seed") is not None:
-                p["sampling_seed"] = p["sampling_seed"] + k
             kwargs = dict(prompt_ids=list(prompts[i]), params=p, return_logprob=return_logprob[i],
                           logprob_start_len=start_len[i], top_logprobs_num=top_num[i],
                           token_ids_logprob=token_ids_lp[i], return_text_in_logprobs=text_in_lp,
@@ -161,9 +169,32 @@ def parse_generate_request(body: Any, engine: EmbeddedEngine) -> tuple[list[GenR
 
 
 # ---------------------------------------------------------------------------- the app
+def request_allowed(method: str, path: str, authorization: str | None, api_key: str | None,
+                    admin_api_key: str | None) -> bool:
+    """SGLang 0.5.23's ``decide_request_auth`` (srt/utils/auth.py:98-151) for this server's endpoints.
+
+    Probes and OPTIONS are open. ADMIN_OPTIONAL endpoints (:data:`ADMIN_PATHS`) need the admin key
+    when one is set (the API key is then not accepted), else the API key when one is set, else
+    nothing. Every other endpoint needs the API key only when one is set: with only an admin key
+    it is open."""
+    import secrets
+
+    def bearer_is(expected: str) -> bool:
+        parts = (authorization or "").split(" ", 1)
+        return len(parts) == 2 and parts[0].lower() == "bearer" and secrets.compare_digest(parts[1], expected)
+
+    if method == "OPTIONS" or path.startswith(OPEN_PATH_PREFIXES):
+        return True
+    if path in ADMIN_PATHS:
+        if admin_api_key:
+            return bearer_is(admin_api_key)
+        return bearer_is(api_key) if api_key else True
+    return bearer_is(api_key) if api_key else True
+
+
 class _AuthMiddleware:
-    """SGLang's key rules (pure ASGI): probes open; control endpoints need the admin key when one
-    is set, else the API key; everything else needs the API key (or the admin key). 401 otherwise."""
+    """:func:`request_allowed` as pure ASGI middleware; 401 ``{"error": "Unauthorized"}`` otherwise
+    (SGLang 0.5.23 srt/utils/auth.py:174-204)."""
 
     def __init__(self, app: Any, api_key: str | None, admin_api_key: str | None):
         self.app = app
@@ -171,31 +202,38 @@ class _AuthMiddleware:
         self.admin_api_key = admin_api_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and path not in OPEN_PATHS:
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            token = header[7:] if header.lower().startswith("bearer ") else None
-            if path in ADMIN_PATHS and self.admin_api_key:
-                allowed = token == self.admin_api_key
-            else:
-                allowed = token is not None and token in (self.api_key, self.admin_api_key)
-            if not allowed:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization")
+            if not request_allowed(scope.get("method", "GET"), scope.get("path", ""),
+                                   None if header is None else header.decode("latin-1"),
+                                   self.api_key, self.admin_api_key):
                 await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key: str | None = None):
-    """The FastAPI app serving ``engine`` with SGLang's endpoints and auth rules."""
+def health_check_timeout_s() -> int:
+    """``SGLANG_HEALTH_CHECK_TIMEOUT`` (seconds, an int as there), default 20."""
+    return int(os.getenv(HEALTH_CHECK_TIMEOUT_ENV, DEFAULT_HEALTH_CHECK_TIMEOUT_S))
+
+
+def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key: str | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None):
+    """The FastAPI app serving ``engine`` with SGLang's endpoints and auth rules.
+
+    ``on_fatal`` is called when a failure would kill SGLang's scheduler process (the server
+    process of ``scope-megatron serve`` exits with it)."""
     app = FastAPI(title="scope-megatron embedded engine")
     control_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="engine-control")
     in_flight_rids: set[str] = set()
+    # SGLang's ServerStatus (srt/managers/tokenizer_manager.py:4027-4031): Up once serving, UnHealthy
+    # after a failed /health probe until a later probe succeeds (http_server.py:781-799)
+    server_status = {"value": "Up"}
+    health_timeout_s = health_check_timeout_s()
 
     def error(message: str, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
-
-    def ok(message: str, **extra: Any) -> JSONResponse:
-        return JSONResponse({"success": True, "message": message, **extra})
 
     def failed(message: str, **extra: Any) -> JSONResponse:
         return JSONResponse({"success": False, "message": message, **extra}, status_code=400)
@@ -260,8 +298,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key
             engine.submit(requests)
             results = await asyncio.gather(*futures)
         except asyncio.CancelledError:
-            for req in requests:
-                engine.abort(req.rid)
+            engine.withdraw([req.rid for req in requests])
             raise
         except EngineError as exc:
             return error(str(exc), 503)
@@ -276,28 +313,40 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key
 
     # ---------------------------------------------------------------- health and info
     @app.get("/health")
-    async def health():
-        return Response(status_code=200 if engine.healthy else 503)
-
     @app.get("/health_generate")
-    async def health_generate():
-        if not engine.healthy or engine.paused:
+    async def health():
+        """SGLang 0.5.23 srt/entrypoints/http_server.py:721-799: a 1-token probe; 200 as soon as the
+        engine produced any output since the probe began (checked once a second), else 503 after
+        SGLANG_HEALTH_CHECK_TIMEOUT seconds and the server is UnHealthy. While paused (or while an
+        update holds the model) the probe waits in front of the queue, so the answer is 503."""
+        if engine.stopping or not engine.healthy:
             return Response(status_code=503)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        probe = GenRequest(prompt_ids=[engine.pad_id], params={"max_new_tokens": 1, "temperature": 0.0},
-                           on_done=lambda res: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(res)))
-        engine.submit([probe])
+        tic = time.monotonic()
+        probe = GenRequest(prompt_ids=[0], params={"max_new_tokens": 1, "temperature": 0.0})
         try:
-            await asyncio.wait_for(fut, timeout=20)
-        except asyncio.TimeoutError:
-            engine.abort(probe.rid)
+            engine.submit([probe])
+        except EngineError:
             return Response(status_code=503)
-        return Response(status_code=200)
+        try:
+            while time.monotonic() < tic + health_timeout_s:
+                await asyncio.sleep(1)
+                if engine.stopping:
+                    return Response(status_code=503)
+                if engine.last_progress > tic:
+                    server_status["value"] = "Up"
+                    return Response(status_code=200)
+            logger.error("Health check failed. Server couldn't get a response for the last %d seconds.",
+                         health_timeout_s)
+            server_status["value"] = "UnHealthy"
+            return Response(status_code=503)
+        finally:
+            engine.withdraw([probe.rid])
 
     @app.get("/ready")
     async def ready():
-        return Response(status_code=200 if engine.healthy and not engine.paused else 503)
+        # SGLang 0.5.23 srt/managers/tokenizer_manager.py:728-734: not paused, and Up
+        up = engine.healthy and server_status["value"] == "Up"
+        return Response(status_code=200 if up and not engine.paused else 503)
 
     @app.get("/model_info")
     @app.get("/get_model_info")
@@ -314,7 +363,8 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key
             "max_req_input_len": engine.context_length - 1, "context_length": engine.context_length,
             "max_batch_size": engine.config.max_batch_size, "weight_version": engine.weight_version,
             "internal_states": [engine.load()], "version": "scope-megatron-embedded", "frontend": "python",
-            "skip_tokenizer_init": engine.tokenizer is None,
+            "skip_tokenizer_init": engine.tokenizer is None, "random_seed": engine.config.random_seed,
+            "enable_deterministic_inference": engine.config.enable_deterministic_inference,
         }
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
@@ -355,29 +405,28 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key
             await run_blocking(engine.abort, rid, abort_all)
         return Response(status_code=200)
 
+    def reply(result: tuple[bool, str], **extra: Any) -> JSONResponse:
+        success, message = result
+        return JSONResponse({"success": success, "message": message, **extra}, status_code=200 if success else 400)
+
     @app.post("/begin_weight_update")
     async def begin_weight_update(request: Request):
         data = await json_object(request)
         selector = field_of(data, "selector", str, "all")
         if selector not in ("all", "target", "draft"):
             return failed(f"selector must be 'all', 'target' or 'draft', got {selector!r}")
-        try:
-            engine.begin_weight_update()
-        except EngineError as exc:
-            return failed(str(exc))
-        return ok("Weight update session started.")
+        return reply(await run_blocking(engine.begin_weight_update))
 
     @app.post("/end_weight_update")
     async def end_weight_update(request: Request):
         await json_object(request)
-        try:
-            engine.end_weight_update()
-        except EngineError as exc:
-            return failed(str(exc))
-        return ok("Weight update session ended.")
+        return reply(await run_blocking(engine.end_weight_update))
 
-    def _version_suffix(version: str | None) -> str:
-        return f" Weight version updated to {version}." if version is not None else ""
+    async def fatal(exc: EngineFatal) -> JSONResponse:
+        logger.error("the engine cannot go on: %s", exc)
+        if on_fatal is not None:
+            on_fatal(exc)
+        return JSONResponse({"error": f"the server crashed: {exc}"}, status_code=500)
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request):
@@ -389,58 +438,36 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, admin_api_key
             return failed(f"load_format {load_format!r} is not supported by the embedded engine (auto, safetensors)",
                           num_paused_requests=0)
         try:
-            message = await run_blocking(engine.update_weights_from_disk, model_path, version,
-                                         field_of(data, "abort_all_requests", bool, False))
-        except (EngineError, OSError, RuntimeError) as exc:
-            return failed(f"Failed to update weights: {exc}. Rolled back to the previous weights.",
-                          num_paused_requests=0)
-        if field_of(data, "flush_cache", bool, True) and not engine.flush_cache(0):
-            return failed(FLUSH_FAILED_AFTER_UPDATE, num_paused_requests=0)
-        return ok(message + _version_suffix(version), num_paused_requests=0)
+            result = await run_blocking(engine.update_weights_from_disk, model_path, version,
+                                        field_of(data, "abort_all_requests", bool, False),
+                                        field_of(data, "flush_cache", bool, True))
+        except EngineFatal as exc:
+            return await fatal(exc)
+        return reply(result, num_paused_requests=0)
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(request: Request):
         data = await json_object(request)
-        try:
-            await run_blocking(engine.init_weights_update_group, field_of(data, "master_address", str),
-                               field_of(data, "master_port", int), field_of(data, "rank_offset", int),
-                               field_of(data, "world_size", int),
-                               field_of(data, "group_name", str, "weight_update_group"),
-                               field_of(data, "backend", str, "nccl"))
-        except (EngineError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, ProtocolError):
-                raise
-            return failed(f"Failed to init process group: {exc}")
-        return ok("Succeeded to initialize custom process group.")
+        return reply(await run_blocking(
+            engine.init_weights_update_group, field_of(data, "master_address", str),
+            field_of(data, "master_port", int), field_of(data, "rank_offset", int), field_of(data, "world_size", int),
+            field_of(data, "group_name", str, "weight_update_group"), field_of(data, "backend", str, "nccl")))
 
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(request: Request):
         data = await json_object(request)
-        try:
-            await run_blocking(engine.destroy_weights_update_group,
-                               field_of(data, "group_name", str, "weight_update_group"))
-        except EngineError as exc:
-            return failed(str(exc))
-        return ok("Succeeded to destroy custom process group.")
+        return reply(await run_blocking(engine.destroy_weights_update_group,
+                                        field_of(data, "group_name", str, "weight_update_group")))
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request):
         data = await json_object(request)
-        names = field_of(data, "names", list)
-        dtypes = field_of(data, "dtypes", list)
-        shapes = field_of(data, "shapes", list)
-        version = field_of(data, "weight_version", str, None, nullable=True)
-        try:
-            message = await run_blocking(
-                engine.update_weights_from_distributed, names, dtypes, shapes,
-                field_of(data, "group_name", str, "weight_update_group"), version,
-                field_of(data, "load_format", str, None, nullable=True),
-                field_of(data, "abort_all_requests", bool, False))
-        except (EngineError, RuntimeError) as exc:
-            return failed(f"Failed to update parameter online: {exc}")
-        if field_of(data, "flush_cache", bool, True) and not engine.flush_cache(0):
-            return failed(FLUSH_FAILED_AFTER_UPDATE)
-        return ok(message + _version_suffix(version))
+        return reply(await run_blocking(
+            engine.update_weights_from_distributed, field_of(data, "names", list), field_of(data, "dtypes", list),
+            field_of(data, "shapes", list), field_of(data, "group_name", str, "weight_update_group"),
+            field_of(data, "weight_version", str, None, nullable=True),
+            field_of(data, "load_format", str, None, nullable=True),
+            field_of(data, "abort_all_requests", bool, False), field_of(data, "flush_cache", bool, True)))
 
     @app.post("/update_weight_version")
     async def update_weight_version(request: Request):
@@ -474,6 +501,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-version", default="default")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--skip-tokenizer-init", action="store_true", help="serve input_ids only")
+    p.add_argument("--enable-deterministic-inference", action="store_true",
+                   help="honour sampling_seed (SGLang's flag: without it sampling_seed is ignored)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -489,8 +518,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# how long a SIGTERM'd server may take to stop before it exits regardless
+SHUTDOWN_GRACE_S = 1.5
+
+
+def _exit_process(code: int) -> None:
+    """Flush the logs and leave now: control threads may sit in a broadcast that never ends."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _stop_engine_bounded(engine: EmbeddedEngine, timeout_s: float) -> None:
+    """``engine.shutdown()`` (worker, groups) in a daemon thread, waited for at most ``timeout_s``."""
+    done = threading.Thread(target=lambda: engine.shutdown(timeout_s=timeout_s), name="engine-shutdown", daemon=True)
+    done.start()
+    done.join(timeout_s)
+
+
 def main(argv: list[str]) -> int:
-    """Run the server in the foreground until SIGINT/SIGTERM."""
+    """Run the server in the foreground until SIGINT/SIGTERM.
+
+    Shutdown is prompt in every state (paused, a weight-update session or group open, requests
+    held or waiting, a broadcast in flight): uvicorn gets :data:`SHUTDOWN_GRACE_S` to close its
+    connections, the engine as long, then the process exits."""
     import uvicorn
 
     args = build_arg_parser().parse_args(argv)
@@ -498,18 +550,42 @@ def main(argv: list[str]) -> int:
     engine = EmbeddedEngine(EngineConfig(
         model_path=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
         context_length=args.context_length, random_seed=args.random_seed, weight_version=args.weight_version,
-        skip_tokenizer_init=args.skip_tokenizer_init, served_model_name=args.served_model_name))
-    app = create_app(engine, api_key=args.api_key, admin_api_key=args.admin_api_key)
+        skip_tokenizer_init=args.skip_tokenizer_init, served_model_name=args.served_model_name,
+        enable_deterministic_inference=args.enable_deterministic_inference))
+
+    def on_fatal(exc: BaseException) -> None:
+        # SGLang's scheduler sends SIGQUIT to the server, which kills its process tree
+        # (srt/managers/scheduler.py run_scheduler_process): no reply reaches the caller
+        logger.error("scheduler failure, exiting: %s", exc)
+        _exit_process(1)
+
+    app = create_app(engine, api_key=args.api_key, admin_api_key=args.admin_api_key, on_fatal=on_fatal)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"scope-megatron serve: listening on http://{host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # a watchdog: whatever uvicorn or the engine still wait for, the process ends in time
+            watchdog = threading.Timer(2 * SHUTDOWN_GRACE_S + 0.5, _exit_process, args=(0,))
+            watchdog.daemon = True
+            watchdog.start()
+            engine.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    code = 0
     try:
         server.run(sockets=[sock])
+    except BaseException:
+        logger.exception("the server failed")
+        code = 1
     finally:
-        engine.shutdown()
+        _stop_engine_bounded(engine, SHUTDOWN_GRACE_S)
         app.state.control_pool.shutdown(wait=False, cancel_futures=True)
-    return 0
+    _exit_process(code)
+    return code
 
 
 @dataclass
@@ -537,6 +613,8 @@ class EmbeddedServerHandle:
                 self.process.kill()
                 self.process.wait(timeout=timeout)
             return
+        if self.engine is not None:
+            self.engine.begin_shutdown()  # held and queued requests end, so connections close
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -562,10 +640,20 @@ def start_embedded_server(model_dir: str | Path, port: int = 0, host: str = "127
     import uvicorn
 
     engine = EmbeddedEngine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
-    app = create_app(engine, api_key=api_key, admin_api_key=admin_api_key)
+    servers: list[Any] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        # the process is the caller's: stop this server instead of exiting
+        engine.begin_shutdown()
+        for s in servers:
+            s.should_exit = True
+
+    app = create_app(engine, api_key=api_key, admin_api_key=admin_api_key, on_fatal=on_fatal)
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    servers.append(server)
     server.install_signal_handlers = lambda: None  # not the main thread
 
     def serve() -> None:
@@ -592,15 +680,22 @@ def start_embedded_server(model_dir: str | Path, port: int = 0, host: str = "127
 def start_embedded_server_process(model_dir: str | Path, port: int, host: str = "127.0.0.1",
                                   extra_args: list[str] | None = None, log_path: str | Path | None = None,
                                   ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> EmbeddedServerHandle:
-    """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait for ``/health``."""
+    """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait for ``/health``.
+
+    The child does not inherit torchrun's rank environment (:data:`TORCHRUN_ENV_KEYS`,
+    ``TORCHELASTIC_*``): an engine started by a trainer rank is no member of the trainer's world.
+    ``env`` entries are added after that."""
     import httpx
 
     cmd = [sys.executable, "-m", "scope_megatron.rollout.embedded_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), *(extra_args or [])]
+    child_env = {k: v for k, v in os.environ.items()
+                 if k not in TORCHRUN_ENV_KEYS and not k.startswith(TORCHRUN_ENV_PREFIXES)}
     # spinning OpenMP threads starve the server's own threads on small CPU boxes
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
+    child_env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    child_env.update(env or {})
     log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
                             start_new_session=True)
     if log_path:
         log_file.close()
@@ -612,7 +707,7 @@ def start_embedded_server_process(model_dir: str | Path, port: int, host: str = 
             tail = Path(log_path).read_text(errors="replace")[-2000:] if log_path else ""
             raise RuntimeError(f"embedded server exited with code {proc.returncode} before becoming ready\n{tail}")
         try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+            if httpx.get(url + "/health", timeout=10.0).status_code == 200:
                 return handle
         except httpx.HTTPError:
             pass

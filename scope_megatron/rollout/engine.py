@@ -13,8 +13,18 @@ Semantics follow SGLang 0.5.23 (``docs/research/sglang-api.md``):
   requests unless generation is paused (SGLang's writer-preferring lock);
 - ``weight_version`` / ``weight_versions`` spans over output tokens.
 
-Sampling is per request with its own ``torch.Generator`` (seeded by ``sampling_seed``, else by
-the server seed and a request counter), so results do not depend on batch composition.
+Sampling is per request with its own ``torch.Generator``, so results do not depend on batch
+composition. As in SGLang, ``sampling_seed`` is honoured only when the engine runs with
+``enable_deterministic_inference`` (then an unseeded request uses seed 42); otherwise every
+request draws from the server seed and a request counter.
+
+Requests that arrive while generation is paused, or while a weight update waits for the
+in-flight requests, are held in front of the scheduler queue (SGLang holds them in its
+tokenizer manager), so they are neither "waiting" for ``flush_cache`` nor run early.
+
+Weight updates load through :meth:`EmbeddedEngine._load_weights`, which follows the per-name
+rules of SGLang's ``load_weights`` for the llama / qwen2 / qwen3 families: an unknown name is
+only a logged warning, a wrong shape fails after the earlier names were written.
 """
 
 from __future__ import annotations
@@ -37,10 +47,23 @@ from .protocol import GREEDY_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS, ProtocolError
 logger = logging.getLogger(__name__)
 
 SESSION_REQUIRED_MESSAGE = ("{op} must run between begin_weight_update() and end_weight_update()")
+# SGLang 0.5.23 srt/managers/scheduler_components/weight_updater.py:123-127
+FLUSH_FAILED_AFTER_UPDATE = ("Weights were updated, but the cache was not flushed because requests are still "
+                             "running or queued. Retract or finish them, then call /flush_cache.")
+# SGLang 0.5.23 srt/sampling/sampling_batch_info.py:157-171: the seed of an unseeded request
+# under --enable-deterministic-inference
+DETERMINISTIC_DEFAULT_SEED = 42
+# the stacked-parameter shards of SGLang's load_weights (models/qwen3.py:687-694, qwen2.py:652-659,
+# llama.py:709-716 with a leading dot)
+STACKED_SHARD_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 class EngineError(RuntimeError):
     """An engine-side failure reported to the client with ``message``."""
+
+
+class EngineFatal(RuntimeError):
+    """A failure that takes the whole server down (SGLang's scheduler process dies on it)."""
 
 
 @dataclass
@@ -58,6 +81,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     served_model_name: str | None = None
     attn_implementation: str = "sdpa"
+    enable_deterministic_inference: bool = False  # honour sampling_seed (SGLang's flag of that name)
 
 
 @dataclass
@@ -106,22 +130,6 @@ def _resolve_dtype(name: str, config_dtype: Any) -> torch.dtype:
     if name == "bfloat16":
         return torch.bfloat16
     raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-
-
-def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the ``*.safetensors`` files in ``path`` (names must not repeat)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise EngineError(f"no *.safetensors files in {path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        for name, t in load_file(str(f)).items():
-            if name in tensors:
-                raise EngineError(f"tensor {name!r} appears in more than one file of {path}")
-            tensors[name] = t
-    return tensors
 
 
 def compute_weight_version_spans(events: list[tuple[str, int]], current: str, num_output: int) -> list[dict[str, Any]]:
@@ -174,10 +182,18 @@ class EmbeddedEngine:
         self.eos_ids = self._eos_ids()
         self.pad_id = self._pad_id()
         self.model_path = config.model_path
+        # SGLang keeps two versions: the tokenizer manager's (``/model_info``, set only when a whole
+        # update call succeeded: srt/managers/tokenizer_control_mixin.py:529-531) and the
+        # scheduler's (the per-token ``weight_versions`` spans, recorded as soon as the weights
+        # loaded: srt/managers/scheduler_components/weight_updater.py:234-238)
         self.weight_version = config.weight_version
+        self._scheduler_version = config.weight_version
         self._seed_counter = 0
+        # the last time the worker produced output (SGLang's last_receive_tstamp, read by /health)
+        self.last_progress = time.monotonic()
         # scheduling state, guarded by _cond
         self._cond = threading.Condition()
+        self._held: deque[GenRequest] = deque()   # arrived while paused / while an update is pending
         self._waiting: deque[GenRequest] = deque()
         self._running: list[GenRequest] = []
         self._paused: str | None = None          # None or the pause mode
@@ -245,16 +261,43 @@ class EmbeddedEngine:
         with self._cond:
             return {"num_running_reqs": len(self._running), "num_waiting_reqs": len(self._waiting)}
 
+    @property
+    def stopping(self) -> bool:
+        """``shutdown`` has begun."""
+        return self._stopping
+
     # ------------------------------------------------------------------ requests
     def submit(self, requests: list[GenRequest]) -> None:
-        """Queue requests; each one's ``on_done`` gets its response dict (worker thread)."""
+        """Queue requests; each one's ``on_done`` gets its response dict (worker thread).
+
+        While generation is paused or a weight update waits for the model, new requests are
+        held and reach the queue later (SGLang 0.5.23 srt/managers/tokenizer_manager.py:938-941:
+        ``generate_request`` waits on ``is_pause_cond``, then on the model-update reader lock)."""
         for req in requests:
             self._prepare(req)
         with self._cond:
             if self._stopping:
                 raise EngineError("the engine is shutting down")
-            self._waiting.extend(requests)
+            if self._paused is not None or self._update_pending:
+                self._held.extend(requests)
+            else:
+                self._waiting.extend(requests)
             self._cond.notify_all()
+
+    def _release_held(self) -> None:
+        """Move held requests to the queue once neither a pause nor an update holds them (under _cond)."""
+        if self._held and self._paused is None and not self._update_pending:
+            self._waiting.extend(self._held)
+            self._held.clear()
+            self._cond.notify_all()
+
+    def withdraw(self, rids: list[str]) -> None:
+        """Forget requests whose caller went away: held ones are dropped, queued or running ones aborted."""
+        wanted = set(rids)
+        with self._cond:
+            self._held = deque(r for r in self._held if r.rid not in wanted)
+        for rid in wanted:
+            self.abort(rid)
 
     def _prepare(self, req: GenRequest) -> None:
         p = req.params
@@ -278,8 +321,14 @@ class EmbeddedEngine:
             raise ProtocolError("sampling_params.stop needs a tokenizer (the server runs without one)")
         requested = p.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         req.max_new_tokens = max(0, min(requested, self.context_length - prompt_len - 1))
-        seed = p.get("sampling_seed")
-        if seed is None:
+        if self.config.enable_deterministic_inference:
+            # SGLang 0.5.23 srt/sampling/sampling_batch_info.py:157-171: seeds exist only in
+            # deterministic mode, 42 for a request without one
+            seed = p.get("sampling_seed")
+            if seed is None:
+                seed = DETERMINISTIC_DEFAULT_SEED
+        else:
+            # ... otherwise the seed tensor is None and sampling is unseeded: sampling_seed is ignored
             with self._cond:
                 self._seed_counter += 1
                 seed = self.config.random_seed * 1_000_003 + self._seed_counter
@@ -317,26 +366,43 @@ class EmbeddedEngine:
             self._cond.wait_for(lambda: not self._running or self._worker_parked, timeout=60)
 
     def continue_generation(self) -> None:
-        """``/continue_generation``."""
+        """``/continue_generation``: held requests reach the queue."""
         with self._cond:
             self._paused = None
             self._cond.notify_all()
+            self._release_held()
 
+    def _fully_idle(self) -> bool:
+        """SGLang 0.5.23 srt/managers/scheduler.py:5337-5355 ``is_fully_idle(ignore_waiting=paused)``
+        as ``flush_cache`` calls it (5518-5519): nothing running (a batch frozen by an in-place pause
+        counts), and nothing queued unless the scheduler is paused (retract / in_place; an
+        ``abort`` pause never reaches the scheduler: tokenizer_manager.py:2267-2280). Under _cond."""
+        scheduler_paused = self._paused in ("retract", "in_place")
+        return not self._running and (scheduler_paused or not self._waiting)
 
     def flush_cache(self, timeout_s: float = 0.0) -> bool:
-        """Succeeds when no request holds KV (running, or frozen by an in-place pause)."""
+        """Succeeds when the scheduler is fully idle (waits up to ``timeout_s`` for it)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._running, timeout=max(timeout_s, 0.0))
+            return self._cond.wait_for(self._fully_idle, timeout=max(timeout_s, 0.0))
 
     # ------------------------------------------------------------------ worker
-    def shutdown(self) -> None:
-        """Stop the worker; queued requests finish as aborted."""
+    def begin_shutdown(self) -> None:
+        """Start stopping without waiting: every queued, held or running request finishes as
+        aborted, a parked (in-place paused) worker and waiting updates wake up."""
         with self._cond:
             self._stopping = True
             self._paused = None
+            held = list(self._held)
+            self._held.clear()
             self._cond.notify_all()
         self.abort(abort_all=True)
-        self._worker.join(timeout=30)
+        for req in held:
+            self._finish(req, {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None})
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker (waiting up to ``timeout_s`` for its current step) and destroy the groups."""
+        self.begin_shutdown()
+        self._worker.join(timeout=timeout_s)
         for group in list(self._groups.values()):
             from .dist_group import destroy_weight_update_group
 
@@ -346,15 +412,16 @@ class EmbeddedEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or (
-                    self._waiting and self._paused is None and not self._update_pending))
+                # queued requests still run while an update waits: they hold SGLang's reader lock
+                # (tokenizer_manager.py:941-951), which the update's writer lock waits for
+                self._cond.wait_for(lambda: self._stopping or (self._waiting and self._paused is None))
                 if self._stopping:
                     return
                 first = self._waiting[0].created
                 remaining = self.config.batch_wait_s - (time.monotonic() - first)
                 if remaining > 0 and len(self._waiting) < self.config.max_batch_size:
                     self._cond.wait(timeout=remaining)
-                    if self._stopping or self._paused is not None or self._update_pending or not self._waiting:
+                    if self._stopping or self._paused is not None or not self._waiting:
                         continue
                 batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.config.max_batch_size))]
                 self._running = batch
@@ -405,6 +472,7 @@ class EmbeddedEngine:
             step_tokens = torch.full((len(batch), 1), self.pad_id, dtype=torch.long)
             for i in active:
                 step_tokens[i, 0] = self._sample(batch[i], last[i])
+            self.last_progress = time.monotonic()
             if not any(r.finish is None for r in batch):
                 return
             if self._paused is not None and self._handle_pause(batch):
@@ -562,6 +630,7 @@ class EmbeddedEngine:
         if req.finish is not None:
             return
         req.finish = reason
+        self.last_progress = time.monotonic()
         if req.on_done is not None:
             try:
                 req.on_done(self._response(req))
@@ -593,14 +662,18 @@ class EmbeddedEngine:
             "weight_version": self.weight_version,
             "e2e_latency": time.monotonic() - req.created,
         }
-        spans = compute_weight_version_spans(req.version_events, self.weight_version, n_out)
+        spans = compute_weight_version_spans(req.version_events, self._scheduler_version, n_out)
         if spans:
             meta["weight_versions"] = spans
             meta["weight_version"] = spans[-1]["version"]
         if req.return_logprob:
             text = req.return_text_in_logprobs and self.tokenizer is not None
             start = req.logprob_start_len
-            meta["input_token_logprobs"] = self._entries(req.input_logprobs or [], req.prompt_ids[start:], text)
+            # SGLang 0.5.23 srt/managers/scheduler_components/logprob_result_processor.py:52-55 reports
+            # prompt ids >= vocab_size - 1 as 0 (model_config.vocab_size: the HF config's)
+            clip = int(getattr(self.hf_config, "vocab_size", None) or self.vocab_size) - 1
+            input_ids = [t if t < clip else 0 for t in req.prompt_ids[start:]]
+            meta["input_token_logprobs"] = self._entries(req.input_logprobs or [], input_ids, text)
             meta["output_token_logprobs"] = self._entries(req.output_logprobs, req.output_ids, text)
             meta["output_token_logprobs_length"] = n_out
             if req.top_logprobs_num > 0:
@@ -632,15 +705,22 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ weights
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Writer side of SGLang's model-update lock: unless paused, stop starting new batches
-        and wait for the running one to finish; then hold the model lock."""
+        """Writer side of SGLang's model-update lock: unless paused, hold new requests back and wait
+        until every request already admitted (queued or running) finished; then hold the model lock.
+
+        SGLang 0.5.23 srt/managers/tokenizer_control_mixin.py:507-515 (update calls take the writer
+        lock unless paused) and tokenizer_manager.py:941-951 (each request holds the reader lock
+        until its reply)."""
         with self._cond:
             self._update_pending += 1
             try:
                 if self._paused is None:
-                    self._cond.wait_for(lambda: not self._running)
+                    self._cond.wait_for(lambda: self._stopping or (not self._running and not self._waiting))
+                if self._stopping:
+                    raise EngineError("the engine is shutting down")
             except BaseException:
                 self._update_pending -= 1
+                self._release_held()
                 raise
         try:
             with self._model_lock:
@@ -649,146 +729,225 @@ class EmbeddedEngine:
             with self._cond:
                 self._update_pending -= 1
                 self._cond.notify_all()
+                self._release_held()
+
+    @contextmanager
+    def _session_call(self) -> Iterator[None]:
+        """begin/end_weight_update take the writer lock unless paused
+        (SGLang 0.5.23 srt/managers/tokenizer_control_mixin.py:466-478)."""
+        with self.exclusive():
+            yield
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """HF-named parameters and persistent buffers (tied names included)."""
         return dict(self.model.state_dict(keep_vars=True))
 
-    def _check_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        targets = self.named_weights()
-        unknown = [n for n in tensors if n not in targets]
-        if unknown:
-            raise EngineError(f"unknown weight name(s) {unknown[:5]} (the model has e.g. {list(targets)[:3]})")
-        for name, t in tensors.items():
-            if tuple(t.shape) != tuple(targets[name].shape):
-                raise EngineError(f"weight {name!r}: shape {tuple(t.shape)} does not match the model's "
-                                  f"{tuple(targets[name].shape)}")
-        return targets
+    def _load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Write ``named`` tensors in order by SGLang's per-name rules (legacy ``load_weights``).
 
-    def _write(self, tensors: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+        SGLang 0.5.23 srt/models/qwen3.py:686-760, qwen2.py:651-719, llama.py:708-779:
+        - names of layers past the model's, ``rotary_emb.inv_freq``, ``projector`` and the
+          ``rotary_emb.cos/sin_cached`` tensors are skipped silently, as is a ``.bias`` the model
+          lacks (and, for llama, ``lm_head.weight`` of a tied model);
+        - a name the model lacks is only ``logger.warning("Parameter X not found in params_dict")``;
+          for qwen3 a stacked-shard name (``q_proj`` ...) the model lacks raises ``KeyError``;
+        - a wrong shape raises ``AssertionError`` (model_loader/weight_utils.py:1582-1585,
+          layers/linear.py:579-581) after the earlier names were written: a partial update.
+        ``params_dict`` is ``named_parameters()``, so the tied ``lm_head.weight`` is not in it.
+        """
+        family = getattr(self.hf_config, "model_type", "")
+        params = dict(self.model.named_parameters())
+        num_layers = int(getattr(self.hf_config, "num_hidden_layers", 0) or 0)
+        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         with torch.no_grad():
-            for name, t in tensors.items():
-                targets[name].data.copy_(t.to(device=targets[name].device, dtype=targets[name].dtype))
+            for name, tensor in named:
+                layer = _layer_id(name)
+                if layer is not None and num_layers and layer >= num_layers:
+                    continue
+                if "rotary_emb.inv_freq" in name or "projector" in name:
+                    continue
+                if "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+                    continue
+                if family == "llama" and tied and "lm_head.weight" in name:
+                    continue
+                stacked = any((f".{s}" if family == "llama" else s) in name for s in STACKED_SHARD_NAMES)
+                if name.endswith(".bias") and name not in params:
+                    continue
+                if name not in params:
+                    if stacked and family == "qwen3":
+                        raise KeyError(_stacked_name(name))
+                    logger.warning(f"Parameter {_stacked_name(name) if stacked else name} not found in params_dict")
+                    continue
+                param = params[name]
+                if param.numel() == 1 and tensor.numel() == 1:
+                    param.data.fill_(tensor.item())
+                    continue
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise AssertionError(f"Attempted to load weight ({tensor.size()}) into parameter ({param.size()})")
+                param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
 
-    def _set_version(self, version: str | None) -> None:
-        if version is None or version == self.weight_version:
+    def _record_scheduler_version(self, version: str | None) -> None:
+        """The scheduler's version change: later output tokens count under ``version``
+        (SGLang 0.5.23 srt/managers/scheduler.py:5636-5651)."""
+        if version is None or version == self._scheduler_version:
             return
         with self._cond:
-            old = self.weight_version
-            for req in [*self._running, *self._waiting]:
+            old = self._scheduler_version
+            for req in [*self._running, *self._waiting, *self._held]:
                 if req.output_ids:
                     req.version_events.append((old, len(req.output_ids)))
-            self.weight_version = version
+            self._scheduler_version = version
+
+    def _set_version(self, version: str | None) -> None:
+        """``/update_weight_version``: both the scheduler's and the tokenizer manager's version
+        (SGLang 0.5.23 srt/managers/tokenizer_control_mixin.py:1065-1079)."""
+        if version is None:
+            return
+        self._record_scheduler_version(version)
+        self.weight_version = version
+
+    def _after_load(self, weight_version: str | None, flush_cache: bool, message: str) -> tuple[bool, str]:
+        """Shared tail of a successful load: scheduler version, post-update flush, then the
+        tokenizer-side version only when the whole call succeeded.
+
+        SGLang 0.5.23 srt/managers/scheduler_components/weight_updater.py:118-127,234-238 and
+        tokenizer_control_mixin.py:525-531."""
+        self._record_scheduler_version(weight_version)
+        success = True
+        if flush_cache and not self.flush_cache(0):
+            logger.warning("Cache not flushed because there are pending requests")
+            success, message = False, FLUSH_FAILED_AFTER_UPDATE
+        if success and weight_version is not None:
+            self.weight_version = weight_version
+            message += f" Weight version updated to {weight_version}."
+        return success, message
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
-                                 abort_all_requests: bool = False) -> str:
-        """Load every weight of the model from ``model_path``'s safetensors files (all or nothing)."""
-        tensors = load_safetensors_dir(model_path)
+                                 abort_all_requests: bool = False, flush_cache: bool = True) -> tuple[bool, str]:
+        """Load the weights in ``model_path``'s safetensors files; returns (success, message).
+
+        As SGLang 0.5.23 (srt/model_executor/model_runner_components/weight_updater.py:172-252):
+        the files may hold any subset of the weights; unknown names are warnings. A tensor that
+        does not fit makes the load fail, and the roll-back re-reads the *new* path (the model
+        config's path was already replaced, :199), fails the same way outside any handler and
+        the scheduler process dies: :class:`EngineFatal`."""
         if abort_all_requests:
             self.abort(abort_all=True)
         with self.exclusive():
-            targets = self._check_tensors(tensors)
-            tied = self._tied_names()
-            missing = [n for n in targets if n not in tensors and n not in tied and not n.endswith("rotary_emb.inv_freq")]
-            if missing:
-                raise EngineError(f"{model_path} lacks weight(s) {missing[:5]}; a disk update must hold the full model")
-            self._write(tensors, targets)
+            try:
+                named = list(_iter_safetensors_dir(model_path))
+            except Exception as exc:
+                return False, f"Failed to get weights iterator: {exc}."
+            try:
+                self._load_weights(named)
+            except Exception as exc:
+                logger.error("Failed to update weights: %s. Rolling back to original weights.", exc)
+                raise EngineFatal(f"the weight update from {model_path} failed ({exc}) and so did its roll-back, "
+                                  "which re-reads the same files; the scheduler process died") from exc
             self.model_path = str(model_path)
-            self._set_version(weight_version)
-        return f"Succeeded to update model weights from {model_path}."
+            return self._after_load(weight_version, flush_cache, "Succeeded to update model weights.")
 
-    def _tied_names(self) -> set[str]:
-        """State-dict names that share storage with an earlier name (e.g. a tied lm_head)."""
-        seen: dict[int, str] = {}
-        tied: set[str] = set()
-        for name, t in self.named_weights().items():
-            ptr = t.data_ptr()
-            if ptr in seen:
-                tied.add(name)
-            else:
-                seen[ptr] = name
-        return tied
-
-    def begin_weight_update(self) -> None:
-        """Open a weight-update session (a second begin fails)."""
-        with self._cond:
+    def begin_weight_update(self) -> tuple[bool, str]:
+        """Open a weight-update session (SGLang 0.5.23
+        srt/managers/scheduler_components/weight_updater.py:306-319)."""
+        with self._session_call():
             if self._session_open:
-                raise EngineError("a weight update session is already open; call end_weight_update first")
+                return False, "a weight-update session is already open; call end_weight_update() first"
             self._session_open = True
+            return True, "Success"
 
-    def end_weight_update(self) -> None:
-        """Close the weight-update session."""
-        with self._cond:
+    def end_weight_update(self) -> tuple[bool, str]:
+        """Close the weight-update session (weight_updater.py:321-332 there)."""
+        with self._session_call():
             if not self._session_open:
-                raise EngineError("no weight update session is open; call begin_weight_update first")
+                return False, "no weight-update session is open; call begin_weight_update() first"
             self._session_open = False
+            return True, "Success"
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                  group_name: str, backend: str) -> None:
-        """Join the trainer's broadcast group as rank ``rank_offset`` (one TP rank here)."""
+                                  group_name: str, backend: str) -> tuple[bool, str]:
+        """Join the trainer's broadcast group as rank ``rank_offset`` (one TP rank here).
+
+        As SGLang 0.5.23 (srt/model_executor/model_runner_components/weight_updater.py:99-144) the
+        group is built by the rendezvous + ``_new_process_group_helper`` path, so a name that was
+        already created fails in torch (``The specified group name has already been created``,
+        torch/distributed/distributed_c10d.py) after the rendezvous, and the old group stays."""
         from .dist_group import init_weight_update_group
 
-        if group_name in self._groups:
-            raise EngineError(f"group {group_name!r} already exists; destroy it first")
         if backend == "nccl" and self.device.type != "cuda":
-            raise EngineError("backend 'nccl' needs a GPU engine; use 'gloo' on CPU")
-        self._groups[group_name] = init_weight_update_group(master_address, master_port, rank_offset, world_size,
-                                                            group_name=group_name, backend=backend)
+            return False, "Failed to initialize custom process group: backend 'nccl' needs a GPU engine; use 'gloo' on CPU."
+        try:
+            group = init_weight_update_group(master_address, master_port, rank_offset, world_size,
+                                             group_name=group_name, backend=backend)
+        except Exception as exc:
+            message = f"Failed to initialize custom process group: {exc}."
+            logger.error(message)
+            return False, message
+        self._groups[group_name] = group
+        return True, "Succeeded to initialize custom process group."
 
-    def destroy_weights_update_group(self, group_name: str) -> None:
-        """Tear down a group made by :meth:`init_weights_update_group`."""
+    def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
+        """Tear down a group made by :meth:`init_weights_update_group` (weight_updater.py:146-157 there)."""
         from .dist_group import destroy_weight_update_group
 
         group = self._groups.pop(group_name, None)
         if group is None:
-            raise EngineError("The group to be destroyed does not exist.")
+            return False, "The group to be destroyed does not exist."
         destroy_weight_update_group(group)
+        return True, "Succeeded to destroy custom process group."
+
+    def _receive(self, names: list[str], dtypes: list[str], shapes: list[list[int]], group: Any,
+                 load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+        """Receive one broadcast from group rank 0 (SGLang 0.5.23
+        srt/model_executor/model_runner_components/weight_updater.py:254-300)."""
+        import torch.distributed as dist
+
+        if load_format == "flattened_bucket":
+            layout = flattened_bucket_layout(names, dtypes, shapes)
+            buffer = torch.empty(layout[-1][3] + layout[-1][4], dtype=torch.uint8, device=self.device)
+            dist.broadcast(buffer, src=0, group=group)
+            return [(name, buffer[off:off + size].view(dt).reshape(shape)) for name, dt, shape, off, size in layout]
+        received, handles = [], []
+        for name, dtype, shape in zip(names, dtypes, shapes):  # zip, not strict: as there
+            dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+            t = torch.empty(shape, dtype=dt, device=self.device)
+            handles.append(dist.broadcast(t, src=0, group=group, async_op=True))
+            received.append((name, t))
+        for h in handles:
+            h.wait()
+        return received
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, weight_version: str | None = None,
-                                        load_format: str | None = None, abort_all_requests: bool = False) -> str:
-        """Receive tensors broadcast from group rank 0, in list order, and load them."""
-        import torch.distributed as dist
+                                        load_format: str | None = None, abort_all_requests: bool = False,
+                                        flush_cache: bool = True) -> tuple[bool, str]:
+        """Receive tensors broadcast from group rank 0, in list order, and load them; (success, message).
 
+        SGLang 0.5.23 srt/managers/scheduler_components/weight_updater.py:196-241 (session, receive,
+        load, version, flush) and model_runner_components/weight_updater.py:322-339 (load failure)."""
         with self._cond:
             if not self._session_open:
-                raise EngineError(SESSION_REQUIRED_MESSAGE.format(op="update_weights_from_distributed"))
-        group = self._groups.get(group_name)
-        if group is None:
-            raise EngineError(f"group {group_name!r} does not exist; call init_weights_update_group first")
-        if not (len(names) == len(dtypes) == len(shapes)):
-            raise EngineError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length")
-        torch_dtypes = []
-        for d in dtypes:
-            dt = getattr(torch, d, None)
-            if not isinstance(dt, torch.dtype):
-                raise EngineError(f"unknown dtype {d!r} (send names such as 'bfloat16')")
-            torch_dtypes.append(dt)
-        if load_format not in (None, "flattened_bucket"):
-            raise EngineError(f"load_format {load_format!r} is not supported (null or 'flattened_bucket')")
+                return False, SESSION_REQUIRED_MESSAGE.format(op="update_weights_from_distributed")
         if abort_all_requests:
             self.abort(abort_all=True)
         with self.exclusive():
-            received: dict[str, torch.Tensor] = {}
-            if load_format == "flattened_bucket":
-                offsets, total = flattened_layout(torch_dtypes, shapes)
-                buffer = torch.empty(total, dtype=torch.uint8, device=self.device)
-                dist.broadcast(buffer, src=0, group=group)
-                for name, dt, shape, off in zip(names, torch_dtypes, shapes, offsets):
-                    nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-                    received[name] = buffer[off:off + nbytes].view(dt).view(shape)
-            else:
-                handles = []
-                for name, dt, shape in zip(names, torch_dtypes, shapes):
-                    t = torch.empty(shape, dtype=dt, device=self.device)
-                    handles.append(dist.broadcast(t, src=0, group=group, async_op=True))
-                    received[name] = t
-                for h in handles:
-                    h.wait()
-            targets = self._check_tensors(received)
-            self._write(received, targets)
-            self._set_version(weight_version)
-        return "Succeeded to update parameter online from distributed."
+            try:
+                if group_name not in self._groups:
+                    raise AssertionError(f"Group {group_name} not in {list(self._groups)}. "
+                                         "Please call `init_weights_update_group` first.")
+                received = self._receive(names, dtypes, shapes, self._groups[group_name], load_format)
+            except Exception as exc:
+                message = f"Failed to receive weights: {exc}"
+                logger.error(message)
+                return False, message
+            try:
+                self._load_weights(received)
+            except Exception as exc:
+                message = (f"Failed to update parameter online: {exc}. The full weights of the ModelRunner are "
+                           "partially updated. Please discard the whole weights.")
+                logger.error(message)
+                return False, message
+            return self._after_load(weight_version, flush_cache, "Succeeded to update parameter online.")
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
         """The first ``truncate_size`` values of weight ``name`` (flattened)."""
@@ -798,15 +957,54 @@ class EmbeddedEngine:
         return targets[name].detach().flatten()[:truncate_size].float().cpu().tolist()
 
 
-def flattened_layout(dtypes: list[torch.dtype], shapes: list[list[int]]) -> tuple[list[int], int]:
-    """Byte offsets of each tensor in a ``flattened_bucket`` buffer (aligned to its item size),
-    and the total size."""
-    offsets: list[int] = []
-    pos = 0
-    for dt, shape in zip(dtypes, shapes):
-        item = torch.empty((), dtype=dt).element_size()
-        pos = (pos + item - 1) // item * item
-        offsets.append(pos)
-        pos += math.prod(shape) * item
-    return offsets, pos
+def _layer_id(name: str) -> int | None:
+    """The layer index in ``...layers.N...`` (SGLang's ``get_layer_id``), or None."""
+    import re
 
+    match = re.search(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _stacked_name(name: str) -> str:
+    """The fused parameter name SGLang looks up for a shard name (``q_proj`` -> ``qkv_proj``)."""
+    for shard, fused in (("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
+                         ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")):
+        if shard in name:
+            return name.replace(shard, fused)
+    return name
+
+
+def _iter_safetensors_dir(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every ``*.safetensors`` file in ``path``, file by file."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"Cannot find any model weights with `{path}`")
+    for f in files:
+        yield from load_file(str(f)).items()
+
+
+def flattened_bucket_layout(names: list[str], dtypes: list[Any], shapes: list[list[int]]
+                            ) -> list[tuple[str, torch.dtype, torch.Size, int, int]]:
+    """(name, dtype, shape, byte offset, byte size) of each tensor in a ``flattened_bucket`` buffer.
+
+    Exactly SGLang 0.5.23's ``FlattenedTensorBucket.empty`` (srt/weight_sync/tensor_bucket.py:86-113):
+    tensors are packed back to back with no padding; a tensor whose offset is not a multiple of
+    its item size, a negative dimension, lists of different lengths or an empty bucket raise
+    ``ValueError``."""
+    layout = []
+    offset = 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        shape = torch.Size(shape)
+        if any(dim < 0 for dim in shape):
+            raise ValueError(f"Negative dimension in received tensor {name}: {shape}")
+        if offset % dtype.itemsize:
+            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+        size = shape.numel() * dtype.itemsize
+        layout.append((name, dtype, shape, offset, size))
+        offset += size
+    if not layout:
+        raise ValueError("Cannot create empty tensor bucket")
+    return layout
