@@ -449,7 +449,9 @@ def topk_kl(
 
     Args:
         student_topk_logprobs: [..., K] student log p at the teacher's top-k ids (with grad).
-        teacher_topk_logprobs: [..., K] teacher log q at those ids (no grad is taken).
+        teacher_topk_logprobs: [..., K] teacher log q at those ids (no grad is taken); ``-inf``
+            marks an absent entry (a teacher id the student does not have): the result is that
+            of the row without it, on both sides (a row with no entry gives 0).
         direction: ``"forward"`` = KL(teacher || student), ``"reverse"`` = KL(student || teacher).
         tail: False: the teacher is renormalised on its top-k (q~ = q / sum_K q); forward is
             ``sum_K q~ (log q~ - log p)`` (the student is not renormalised, so its mass is pulled
@@ -468,6 +470,9 @@ def topk_kl(
     dtype = _compute_dtype(student_topk_logprobs.dtype)
     log_p = student_topk_logprobs.to(dtype)
     log_q = teacher_topk_logprobs.detach().to(dtype)
+    present = log_q > float("-inf")  # [..., K]
+    if not bool(present.all()):
+        return _topk_kl_masked(log_p, log_q, present, direction=direction, tail=tail, eps=eps)
     if not tail:
         log_q_renorm = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
         if direction == "forward":
@@ -480,6 +485,44 @@ def topk_kl(
     if direction == "forward":
         return (log_q.exp() * (log_q - log_p)).sum(dim=-1) + log_q_tail.exp() * (log_q_tail - log_p_tail)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
+
+
+def _topk_kl_masked(log_p: torch.Tensor, log_q: torch.Tensor, present: torch.Tensor, *, direction: str, tail: bool,
+                    eps: float) -> torch.Tensor:
+    """:func:`topk_kl` over the ``present`` entries only (absent ones drop out of every sum).
+
+    Absent slots enter the log-sum-exps as ``-inf`` and the sums as 0; a row with no present
+    entry keeps its own finite values inside the log-sum-exps (so no NaN reaches the gradient)
+    and its result is set to 0.
+    """
+    any_present = present.any(dim=-1, keepdim=True)  # [..., 1]
+    keep = present | ~any_present  # slots that enter the log-sum-exps
+    neg_inf = torch.tensor(float("-inf"), dtype=log_p.dtype, device=log_p.device)
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    lp_in = torch.where(keep, log_p, neg_inf)
+    lq_in = torch.where(present, log_q, torch.where(keep, zero, neg_inf))
+    lse_p = torch.logsumexp(lp_in, dim=-1, keepdim=True)
+    lse_q = torch.logsumexp(lq_in, dim=-1, keepdim=True)
+    lp = torch.where(present, log_p, zero)  # finite everywhere
+    lq = torch.where(present, log_q, zero)
+    if not tail:
+        lq_renorm = lq - lse_q
+        q = torch.where(present, lq_renorm.exp(), zero)
+        if direction == "forward":
+            kl = (q * (lq_renorm - lp)).sum(dim=-1)
+        else:
+            lp_renorm = lp - lse_p
+            p = torch.where(present, lp_renorm.exp(), zero)
+            kl = (p * (lp_renorm - lq_renorm)).sum(dim=-1)
+        return torch.where(any_present.squeeze(-1), kl, zero)
+    lse_p = torch.where(any_present, lse_p, neg_inf)  # no entry: the whole mass is in the rest bucket
+    lse_q = torch.where(any_present, lse_q, neg_inf)
+    log_p_tail = torch.log((-torch.expm1(lse_p.squeeze(-1).clamp(max=0.0))).clamp(min=eps))
+    log_q_tail = torch.log((-torch.expm1(lse_q.squeeze(-1).clamp(max=0.0))).clamp(min=eps))
+    p, q = torch.where(present, lp.exp(), zero), torch.where(present, lq.exp(), zero)
+    if direction == "forward":
+        return (q * (lq - lp)).sum(dim=-1) + log_q_tail.exp() * (log_q_tail - log_p_tail)
+    return (p * (lp - lq)).sum(dim=-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
 
 
 class TopkKLResult(NamedTuple):
@@ -515,7 +558,8 @@ def vocab_parallel_topk_kl(
     Args:
         logits: [..., V_local]; target_ids: [...] global ids (sampled tokens).
         teacher_topk_ids: [..., K] global ids of the teacher's top-k at each position (distinct).
-        teacher_topk_logprobs: [..., K] the teacher's log-probs at those ids (finite, <= 0).
+        teacher_topk_logprobs: [..., K] the teacher's log-probs at those ids (<= 0; ``-inf``: an
+            absent entry, see :func:`topk_kl`).
         direction, tail: see :func:`topk_kl`. Other arguments: see :func:`gather_vocab_parallel_logprobs`.
     """
     expected = tuple(logits.shape[:-1])
@@ -528,8 +572,8 @@ def vocab_parallel_topk_kl(
                          f"{tuple(teacher_topk_ids.shape)}")
     if teacher_topk_ids.shape[-1] < 1:
         raise ValueError("teacher_topk_ids must hold at least one id per position (K >= 1)")
-    if not bool(torch.isfinite(teacher_topk_logprobs).all()):
-        raise ValueError("teacher_topk_logprobs holds NaN/inf values")
+    if bool((torch.isnan(teacher_topk_logprobs) | torch.isposinf(teacher_topk_logprobs)).any()):
+        raise ValueError("teacher_topk_logprobs holds NaN/+inf values (-inf marks an absent entry)")
     if bool((teacher_topk_logprobs > 1e-4).any()):
         raise ValueError("teacher_topk_logprobs must be log-probabilities (<= 0)")
     ids = torch.cat([target_ids.unsqueeze(-1).long(), teacher_topk_ids.long()], dim=-1)  # [..., 1 + K]

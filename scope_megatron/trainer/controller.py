@@ -13,6 +13,20 @@ Per step (:meth:`RolloutController.collect`), all concurrently on one asyncio lo
 An engine that fails after the client's retries (connection refused, 5xx, timeout, a
 malformed answer, an aborted request) raises :class:`EngineFailure` naming the engine, the
 role and the cause; the other requests of the step are cancelled.
+
+Seeds are honoured by SGLang only on servers started with ``--enable-deterministic-inference``
+(SGLang 0.5.23 srt/sampling/sampling_batch_info.py:128-171 builds the per-request seed tensor
+only then; otherwise sampling is unseeded), so :meth:`RolloutController.check_student_servers`
+reads each student worker's ``/server_info`` at connect. SGLang does not offset the seed of the
+``n`` samples of one request (srt/managers/tokenizer_manager.py:2163-2183 copies the request),
+which is why every sample is its own request with its own seed.
+
+Teacher top-k rows (``algorithm.topk_kl``) come from the teacher's full padded vocabulary
+(SGLang's top-k runs over all ``config.vocab_size`` logits), which may be larger than the
+student's. An entry whose id the student does not have is masked: its id becomes an id of the
+student's vocabulary that the row does not hold and its log-prob ``-inf``, which
+:func:`scope_megatron.objective.logprobs.topk_kl` reads as absent (the KL is that of the row
+without the entry). The masked entries of a step are counted in ``teacher/topk_masked``.
 """
 
 from __future__ import annotations
@@ -22,8 +36,11 @@ import hashlib
 import logging
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from ..config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +94,36 @@ class RolloutBatch:
 
     step: int
     trajectories: list[Trajectory]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and counters: step metrics
     weight_versions: list[str] = field(default_factory=list)
+
+
+class ServerSetupError(ConfigError):
+    """A student server runs without what ``rollout.seeded`` needs (the message says what to do)."""
+
+    def __init__(self, message: str):
+        super().__init__("rollout.seeded", message)
+
+
+def mask_topk_row(ids: list[int], logprobs: list[float], vocab_size: int) -> int:
+    """Mask, in place, the entries of one teacher top-k row whose id is outside ``[0, vocab_size)``.
+
+    A masked entry gets the smallest id of the student's vocabulary not already in the row (the
+    row's ids stay distinct and gatherable) and log-prob ``-inf`` (absent for ``topk_kl``).
+    Returns the number of masked entries.
+    """
+    bad = [k for k, i in enumerate(ids) if not 0 <= i < vocab_size]
+    if not bad:
+        return 0
+    used = {i for i in ids if 0 <= i < vocab_size}
+    spare = (i for i in range(vocab_size) if i not in used)
+    for k in bad:
+        try:
+            ids[k] = next(spare)
+        except StopIteration:  # a row longer than the vocabulary cannot come from a real server
+            raise ValueError(f"a top-{len(ids)} row cannot be masked inside a vocabulary of {vocab_size}") from None
+        logprobs[k] = float("-inf")
+    return len(bad)
 
 
 def sampling_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
@@ -94,7 +139,7 @@ class RolloutController:
                  seeded: bool, tokenizer: Any, reward_pool: Any, loop: Any, api_key: str | None = None,
                  max_concurrency: int = 256, teacher_max_concurrency: int = 256, request_timeout_s: float = 3600.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.5, reward_function: Any = None,
-                 teacher_topk: int = 0):
+                 teacher_topk: int = 0, student_vocab_size: int | None = None):
         from ..rollout.client import SGLangClient
 
         self.student_url = student_url
@@ -103,6 +148,8 @@ class RolloutController:
         self.sampling = sampling
         self.seed = seed
         self.teacher_topk = teacher_topk  # > 0: the teacher also returns its top-k at every response token
+        # teacher top-k ids at or above it are masked (None: ids are kept as they come)
+        self.student_vocab_size = student_vocab_size
         self.seeded = seeded
         self.tokenizer = tokenizer
         self.reward_pool = reward_pool
@@ -122,16 +169,76 @@ class RolloutController:
         except Exception:  # closing is best effort
             pass
 
-    def wait_ready(self, timeout_s: float = 600.0) -> None:
-        """Wait until both engines answer /health."""
+    def wait_ready(self, timeout_s: float = 600.0, recover_urls: Sequence[str] = ()) -> None:
+        """Wait until both engines answer /health. ``recover_urls``: student workers that may have
+        outlived a killed trainer; a paused SGLang server fails /health, so they are first cleaned
+        up (best effort, :meth:`SGLangClient.recover_stale_update`)."""
+        from ..rollout.client import SGLangClient
+
         async def both() -> None:
+            async def recover(url: str) -> None:
+                async with SGLangClient(url, api_key=self.student.api_key) as worker:
+                    await worker.recover_stale_update()
+            await asyncio.gather(*(recover(u) for u in recover_urls))
             await asyncio.gather(self.student.wait_ready(timeout_s), self.teacher.wait_ready(timeout_s))
         self.loop.run(both())
+
+    def check_student_servers(self, worker_urls: Sequence[str], require_deterministic: bool = True
+                              ) -> dict[str, bool | None]:
+        """With ``seeded``: every student worker must run with ``--enable-deterministic-inference``.
+
+        Reads ``enable_deterministic_inference`` from each worker's ``/server_info`` (SGLang
+        0.5.23 reports every server argument there, flat: srt/utils/common.py:3584-3593).
+        A worker that has it off raises :class:`ServerSetupError` (``require_deterministic``)
+        or logs a warning; one that does not report it is warned about. Returns url -> the flag
+        (None: not reported); nothing is checked or returned without ``seeded``.
+        """
+        if not self.seeded:
+            return {}
+        from ..rollout.client import SGLangClient
+
+        async def flags() -> list[Any]:
+            async def one(url: str) -> Any:
+                async with SGLangClient(url, api_key=self.student.api_key, timeout_s=30.0, max_retries=2) as client:
+                    info = await client.server_info()
+                return info.get("enable_deterministic_inference") if isinstance(info, dict) else None
+            return list(await asyncio.gather(*(one(u) for u in worker_urls)))
+
+        found = dict(zip(worker_urls, self.loop.run(flags())))
+        off = [url for url, flag in found.items() if flag is False]
+        unknown = [url for url, flag in found.items() if flag is None]
+        if off:
+            message = (f"rollout.seeded is on, but the student server(s) {', '.join(off)} run without "
+                       f"--enable-deterministic-inference, so SGLang ignores sampling_seed and a resumed run would "
+                       f"draw different responses. Restart them with --enable-deterministic-inference "
+                       f"(launch/sglang_servers.sh passes it with SEEDED=1), or set rollout.seeded=false "
+                       f"(unseeded sampling), or rollout.require_deterministic=false to go on with this warning")
+            if require_deterministic:
+                raise ServerSetupError(message)
+            logger.warning("%s", message)
+        if unknown:
+            logger.warning("rollout.seeded is on, but the student server(s) %s do not report "
+                           "enable_deterministic_inference in /server_info: whether they honour sampling_seed is "
+                           "unknown", ", ".join(unknown))
+        return found
+
+    def teacher_model_info(self) -> dict[str, Any] | None:
+        """The teacher server's ``/model_info`` (None, with a warning, when it cannot be read)."""
+        try:
+            return self.loop.run(self.teacher.model_info(), timeout=60)
+        except Exception as exc:
+            logger.warning("reading /model_info of the teacher %s failed: %s: %s", self.teacher_url,
+                           type(exc).__name__, exc)
+            return None
 
     # ------------------------------------------------------------------ one step
     def collect(self, step: int, records: Sequence[Any]) -> RolloutBatch:
         """Rollouts, teacher log-probs and rewards for ``records`` (PromptRecord); raises EngineFailure."""
         return self.loop.run(self._collect(step, list(records)))
+
+    def submit(self, step: int, records: Sequence[Any]) -> "Future[RolloutBatch]":
+        """:meth:`collect` without waiting; cancelling the future cancels every request of the step."""
+        return self.loop.submit(self._collect(step, list(records)))
 
     async def _collect(self, step: int, records: list[Any]) -> RolloutBatch:
         from ..rollout.client import SGLangError
@@ -139,6 +246,7 @@ class RolloutController:
 
         start = time.monotonic()
         marks = {"generate_end": start, "teacher_first": None, "teacher_end": start, "reward_end": start}
+        masked = [0]  # teacher top-k entries outside the student's vocabulary, this step
 
         async def generate(rec: Any, sample: int):
             sampling = self.sampling
@@ -173,8 +281,11 @@ class RolloutController:
                 if len(row) != self.teacher_topk or any(not math.isfinite(lp) or lp > 1e-4 for _, lp in row):
                     raise EngineFailure(f"teacher engine {self.teacher_url} returned a malformed top-{self.teacher_topk} "
                                         f"row for response token {j} (step {step}): {row[:4]}...")
-                ids.append([int(i) for i, _ in row])
-                logprobs.append([float(lp) for _, lp in row])
+                row_ids, row_lps = [int(i) for i, _ in row], [float(lp) for _, lp in row]
+                if self.student_vocab_size is not None:
+                    masked[0] += mask_topk_row(row_ids, row_lps, self.student_vocab_size)
+                ids.append(row_ids)
+                logprobs.append(row_lps)
             return scored.token_logprobs, ids, logprobs
 
         async def sample_and_score(tg: asyncio.TaskGroup, rec: Any, sample: int):
@@ -218,6 +329,8 @@ class RolloutController:
             "time/reward_tail": max(0.0, marks["reward_end"] - generate_end),
             "time/rollout": end - start,
         }
+        if self.teacher_topk:  # a counter, merged into the step's metrics with the timings
+            timings["teacher/topk_masked"] = float(masked[0])
         versions = sorted({t.weight_version for t in trajectories if t.weight_version is not None})
         return RolloutBatch(step=step, trajectories=trajectories, timings=timings, weight_versions=versions)
 
