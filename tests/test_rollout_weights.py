@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -11,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from scope_megatron.rollout.client import SGLangClient
-from scope_megatron.rollout.embedded_server import start_embedded_server
+from scope_megatron.rollout.dist_group import tcp_init_method
+from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
 from scope_megatron.tiny_models import save_tiny_hf_model
-from tests.dist_utils import run_ranks
+from tests.dist_utils import free_port, run_ranks
 from tests.rollout_utils import wait_until_decoding
 
 pytestmark = pytest.mark.timeout(180)
@@ -64,9 +71,13 @@ def test_bucketing_and_flattened_layout():
     with pytest.raises(ValueError, match="twice"):
         list(iter_buckets([("a", torch.zeros(1)), ("a", torch.zeros(1))], 100))
     x, y = torch.arange(3, dtype=torch.bfloat16), torch.arange(5, dtype=torch.float32)
-    buf = flatten_bucket([x, y])
-    assert buf.dtype == torch.uint8 and buf.numel() == 8 + 20  # y aligned to 4 bytes after 6 bytes of x
-    assert torch.equal(buf[:6].view(torch.bfloat16), x) and torch.equal(buf[8:].view(torch.float32), y)
+    # SGLang 0.5.23 srt/weight_sync/tensor_bucket.py:98-101 lays the buffer out back to back and
+    # refuses a tensor at an offset that is not a multiple of its item size: y after 6 bytes of x
+    with pytest.raises(ValueError, match="byte 6, not a multiple of its item size 4"):
+        flatten_bucket([x, y])
+    buf = flatten_bucket([y, x])  # aligned: no padding anywhere
+    assert buf.dtype == torch.uint8 and buf.numel() == 20 + 6
+    assert torch.equal(buf[:20].view(torch.float32), y) and torch.equal(buf[20:].view(torch.bfloat16), x)
 
 
 def test_update_from_disk_changes_logprobs_exactly_and_version(dirs, tmp_path):
@@ -189,3 +200,124 @@ def test_engine_direct_weight_check_after_update(dirs, tmp_path):
         got = httpx.post(server.url + "/get_weights_by_name", json={"name": "model.layers.0.mlp.up_proj.weight",
                                                                     "truncate_size": 50}).json()
         assert got == state["model.layers.0.mlp.up_proj.weight"].flatten()[:50].tolist()
+
+
+# A trainer that dies in the middle of an update: it formed the group ``argv[2]`` with the engine
+# at ``argv[1]``, paused it, opened a session and is then SIGKILLed (nothing is cleaned up).
+DEAD_TRAINER = """
+import os, signal, sys, threading
+import httpx
+from scope_megatron.parallel import free_port
+from scope_megatron.rollout.dist_group import init_weight_update_group
+url, name = sys.argv[1], sys.argv[2]
+port = free_port()
+body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+        "group_name": name, "backend": "gloo"}
+box = {}
+post = threading.Thread(target=lambda: box.update(r=httpx.post(url + "/init_weights_update_group", json=body,
+                                                                timeout=60)))
+post.start()
+init_weight_update_group("127.0.0.1", port, 0, 2, name, "gloo", timeout_s=60)
+post.join()
+assert box["r"].status_code == 200, box["r"].text
+httpx.post(url + "/pause_generation", json={"mode": "retract"}, timeout=30).raise_for_status()
+assert httpx.post(url + "/begin_weight_update", json={}, timeout=30).json()["success"]
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def leave_stale_update(url: str, group_name: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", DEAD_TRAINER, url, group_name], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert httpx.get(url + "/ready").status_code == 503  # still paused
+
+
+@pytest.fixture(scope="module")
+def engine_process(dirs, tmp_path_factory):
+    """One engine process (``scope-megatron serve``) for the tests below; each leaves it clean."""
+    handle = start_embedded_server_process(dirs[0], port=free_port(),
+                                           log_path=tmp_path_factory.mktemp("engine") / "engine.log",
+                                           extra_args=["--log-level", "warning"], ready_timeout=300)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_update_recovers_a_worker_left_paused_with_a_session_and_a_group(dirs, engine_process, tmp_path):
+    """A server that outlived a killed trainer: the next trainer cleans it up and updates it."""
+    _, new = dirs
+    url = engine_process.url
+    leave_stale_update(url, "weight_update_group")
+    stale = httpx.post(url + "/begin_weight_update", json={})
+    assert stale.status_code == 400  # the dead trainer's session is still open
+    t0 = time.monotonic()
+    with WeightTransfer([url], transport="distributed", backend="gloo", bucket_bytes=30_000,
+                        group_timeout_s=30, request_timeout_s=60) as wt:
+        stats = wt.update(new_state(new).items(), weight_version=1)
+        assert stats.num_buckets > 1
+        assert wt.group_name.startswith("weight_update_group_") and wt.group_name != "weight_update_group"
+        lps, version = score(url)
+    assert time.monotonic() - t0 < 60
+    assert version == "1"
+    assert lps == pytest.approx(response_logprobs(reference_logprobs(new, PROMPT + RESPONSE), PROMPT, RESPONSE),
+                                abs=2e-5)
+    assert httpx.get(url + "/ready").status_code == 200  # generation was continued
+
+
+def test_recorded_group_of_a_dead_trainer_is_destroyed(dirs, engine_process, tmp_path):
+    """``group_record``: the next process destroys the group the dead one had formed."""
+    url = engine_process.url
+    record = tmp_path / "weight_update_group.json"
+    leave_stale_update(url, "weight_update_group_deadbeef")
+    record.write_text(json.dumps({"group_name": "weight_update_group_deadbeef", "engines": [url]}))
+    wt = WeightTransfer([url], backend="gloo", group_record=record)
+    try:
+        done = wt.recover()[0]
+    finally:
+        wt.close()
+    assert "destroy_weights_update_group(weight_update_group_deadbeef): done" in done, done
+    assert "end_weight_update: done" in done and "continue_generation: done" in done
+    assert "destroy_weights_update_group(weight_update_group): nothing to do" in done
+    assert not record.exists()
+    # the engine is back to a clean state: a new session opens, the name is free again
+    assert httpx.post(url + "/begin_weight_update", json={}).json()["success"] is True
+    assert httpx.post(url + "/end_weight_update", json={}).json()["success"] is True
+    assert httpx.post(url + "/destroy_weights_update_group",
+                      json={"group_name": "weight_update_group_deadbeef"}).status_code == 400
+
+
+def test_failed_update_destroys_the_group_and_the_next_update_succeeds(dirs, engine_process):
+    """An engine refusing a bucket: the group goes on both sides, the next update builds a new one."""
+    old, new = dirs
+    url = engine_process.url
+    state = new_state(new)
+    bad = dict(state)
+    bad["model.norm.weight"] = torch.zeros(3)  # wrong shape: refused by the engine
+    with WeightTransfer([url], backend="gloo", group_timeout_s=30, request_timeout_s=60) as wt:
+        with pytest.raises(Exception, match=r"Attempted to load weight \(torch.Size\(\[3\]\)\)|model.norm.weight"):
+            wt.update(bad.items(), weight_version=1)
+        assert wt._group is None
+        first = wt.group_name
+        wt.update(state.items(), weight_version=2)
+        assert wt.group_name != first
+        lps, version = score(url)
+    assert version == "2"
+    assert lps == pytest.approx(response_logprobs(reference_logprobs(new, PROMPT + RESPONSE), PROMPT, RESPONSE),
+                                abs=2e-5)
+    # the failed group is gone on the engine too
+    gone = httpx.post(url + "/destroy_weights_update_group", json={"group_name": first})
+    assert gone.status_code == 400 and "does not exist" in gone.json()["message"]
+
+
+def test_ipv6_master_address(dirs, engine_process):
+    assert tcp_init_method("::1", 1234) == "tcp://[::1]:1234"
+    assert tcp_init_method("[fe80::1]", 5) == "tcp://[fe80::1]:5"
+    assert tcp_init_method("10.0.0.2", 5) == "tcp://10.0.0.2:5"
+    assert tcp_init_method("node-3.cluster", 5) == "tcp://node-3.cluster:5"
+    _, new = dirs
+    with WeightTransfer([engine_process.url], backend="gloo", master_address="::1", group_timeout_s=30,
+                        request_timeout_s=60) as wt:
+        wt.update(new_state(new).items(), weight_version="v6")
+        assert score(engine_process.url)[1] == "v6"

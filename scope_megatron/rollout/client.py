@@ -167,9 +167,26 @@ def parse_generation(obj: Any, prompt_ids: list[int], want_logprobs: bool, top_l
                             meta_info=meta)
 
 
+def same_input_token(reported: int, expected: int, vocab_size: int | None = None) -> bool:
+    """Whether an ``input_token_logprobs`` entry reported for ``reported`` is the input token ``expected``.
+
+    SGLang 0.5.23 reports every input id ``>= vocab_size - 1`` as 0
+    (``srt/managers/scheduler_components/logprob_result_processor.py:52-55``; ``vocab_size``
+    is the served model's config value). With the server's ``vocab_size`` known that is the
+    only mismatch accepted; without it, a reported 0 is accepted for any expected id (the
+    check still catches every other misalignment).
+    """
+    if reported == expected:
+        return True
+    if reported != 0:
+        return False
+    return vocab_size is None or expected >= vocab_size - 1
+
+
 def parse_score(obj: Any, prompt_ids: list[int], response_ids: list[int], top_logprobs_num: int = 0,
-                where: str = "response") -> ScoreResult:
-    """Check a teacher-scoring response: R + 1 input entries, the first null, ids matching."""
+                where: str = "response", vocab_size: int | None = None) -> ScoreResult:
+    """Check a teacher-scoring response: R + 1 input entries, the first null, ids matching
+    (up to the server's id clipping, see :func:`same_input_token`)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
         raise ProtocolError(f"{where}: expected an object with meta_info")
     meta = obj["meta_info"]
@@ -178,12 +195,12 @@ def parse_score(obj: Any, prompt_ids: list[int], response_ids: list[int], top_lo
     if len(entries) != r + 1:
         raise ProtocolError(f"{where}.meta_info.input_token_logprobs has {len(entries)} entries; expected "
                             f"{r + 1} (a null entry for the last prompt token, then one per response token)")
-    if entries[0].logprob is not None or entries[0].token_id != prompt_ids[-1]:
+    if entries[0].logprob is not None or not same_input_token(entries[0].token_id, prompt_ids[-1], vocab_size):
         raise ProtocolError(f"{where}.meta_info.input_token_logprobs[0] should be [null, {prompt_ids[-1]}, ...], "
                             f"got [{entries[0].logprob}, {entries[0].token_id}, ...]")
     values: list[float] = []
     for j, (e, tok) in enumerate(zip(entries[1:], response_ids), start=1):
-        if e.token_id != tok:
+        if not same_input_token(e.token_id, tok, vocab_size):
             raise ProtocolError(f"{where}.meta_info.input_token_logprobs[{j}] is for token {e.token_id}, "
                                 f"response token {j - 1} is {tok}")
         if e.logprob is None:
@@ -227,8 +244,10 @@ class SGLangClient:
 
     def __init__(self, base_url: str, api_key: str | None = None, max_concurrency: int = 64,
                  timeout_s: float = 3600.0, connect_timeout_s: float = 10.0, max_retries: int = 3,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 10.0, retry_on_timeout: bool = False):
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 10.0, retry_on_timeout: bool = False,
+                 vocab_size: int | None = None):
         self.base_url = base_url.rstrip("/")
+        self.vocab_size = vocab_size  # the served model's config vocab size, for the id check of scoring
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -257,6 +276,14 @@ class SGLangClient:
         assert self._semaphore is not None
         return self._http, self._semaphore
 
+    def _one_shot_client(self) -> httpx.AsyncClient:
+        """A client without a pool: one connection, closed after its response."""
+        headers = {"Connection": "close"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=0))
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         if self._http is not None:
@@ -266,8 +293,16 @@ class SGLangClient:
     # ------------------------------------------------------------------ transport
     async def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
                       idempotent: bool = True, ok_statuses: Sequence[int] = (200,),
-                      timeout_s: float | None = None) -> httpx.Response:
-        """Send one request with the retry policy; return the response (status in ``ok_statuses``)."""
+                      timeout_s: float | None = None, fresh_connection: bool = False) -> httpx.Response:
+        """Send one request with the retry policy; return the response (status in ``ok_statuses``).
+
+        ``fresh_connection``: send it on a new connection that is closed afterwards
+        (``Connection: close``) instead of a pooled keep-alive one. Control calls use it: SGLang
+        0.5.23's uvicorn closes idle connections after ``SGLANG_TIMEOUT_KEEP_ALIVE`` = 5 s
+        (``srt/environ.py:337``, ``srt/entrypoints/http_server.py:2956``), so a pooled socket
+        reused as the server closes it fails with ``RemoteProtocolError``, and a call that is not
+        safe to repeat cannot be retried.
+        """
         http, semaphore = self._ensure()
         url = f"{self.base_url}{path}"
         last_error: Exception | None = None
@@ -281,7 +316,12 @@ class SGLangClient:
                 await asyncio.sleep(delay)
             try:
                 async with semaphore:
-                    response = await http.request(method, path, json=json, params=params, timeout=timeout)
+                    if fresh_connection:
+                        async with self._one_shot_client() as one_shot:
+                            response = await one_shot.request(method, path, json=json, params=params,
+                                                              timeout=timeout)
+                    else:
+                        response = await http.request(method, path, json=json, params=params, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last_error = exc
                 continue
@@ -325,7 +365,7 @@ class SGLangClient:
         """A control call: not retried once sent; ``success: false`` raises with the server's message."""
         statuses = (200, 400, 404) if tolerate_404 else (200, 400)
         response = await self.request("POST", path, json=body, idempotent=False, ok_statuses=statuses,
-                                      timeout_s=timeout_s)
+                                      timeout_s=timeout_s, fresh_connection=True)
         url = f"{self.base_url}{path}"
         if response.status_code == 404 and tolerate_404:
             logger.info("%s: 404, an older server without this endpoint; skipped", url)
@@ -398,7 +438,7 @@ class SGLangClient:
         body = self._generate_body(prompt + response, {"max_new_tokens": 0, "temperature": 1.0}, True,
                                    top_logprobs_num, logprob_start_len=len(prompt) - 1)
         data = await self._json("POST", "/generate", body)
-        return self._checked(parse_score, data, prompt, response, top_logprobs_num)
+        return self._checked(parse_score, data, prompt, response, top_logprobs_num, vocab_size=self.vocab_size)
 
     async def score_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                           top_logprobs_num: int = 0) -> list[ScoreResult]:
@@ -414,7 +454,8 @@ class SGLangClient:
         if not isinstance(data, list) or len(data) != len(pairs):
             raise SGLangResponseError(f"/generate: expected an array of {len(pairs)} results",
                                       url=self.base_url + "/generate")
-        return [self._checked(parse_score, obj, p, r, top_logprobs_num, where=f"response[{i}]")
+        return [self._checked(parse_score, obj, p, r, top_logprobs_num, where=f"response[{i}]",
+                              vocab_size=self.vocab_size)
                 for i, (obj, p, r) in enumerate(zip(data, prompts, responses))]
 
     def _checked(self, parser: Any, *args: Any, **kwargs: Any) -> Any:
@@ -509,9 +550,50 @@ class SGLangClient:
             "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
             "world_size": world_size, "group_name": group_name, "backend": backend}, timeout_s=timeout_s)
 
-    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group",
+                                           timeout_s: float | None = None) -> None:
         """``/destroy_weights_update_group``."""
-        await self._control("/destroy_weights_update_group", {"group_name": group_name})
+        await self._control("/destroy_weights_update_group", {"group_name": group_name}, timeout_s=timeout_s)
+
+    async def recover_stale_update(self, group_names: Sequence[str] = ("weight_update_group",),
+                                   timeout_s: float = 60.0) -> list[str]:
+        """Best effort: undo what a trainer that died mid-update left on this server.
+
+        A server that outlived its trainer can still be paused (SGLang 0.5.23 then blocks every
+        generation, its ``/health`` probe included: ``managers/tokenizer_manager.py:938-939``,
+        ``entrypoints/http_server.py:721-799``), hold an open weight-update session (a new
+        ``begin_weight_update`` fails: ``managers/scheduler_components/weight_updater.py:311-316``)
+        and keep its broadcast groups (a new group of the same name fails:
+        ``model_executor/model_runner_components/weight_updater.py:137-144``). In the order of a
+        normal update's teardown this calls ``end_weight_update`` (a 400 "no weight-update
+        session is open" is the normal case), ``destroy_weights_update_group`` for each of
+        ``group_names`` (400 "does not exist" is normal, ``weight_updater.py:146-157``) and
+        ``continue_generation`` (harmless on a running server). Never raises: returns what it
+        did or could not do, one line per call, for the log.
+        """
+        done: list[str] = []
+
+        async def attempt(what: str, call: Awaitable[Any], benign: tuple[str, ...] = ()) -> None:
+            try:
+                await call
+                done.append(f"{what}: done")
+            except SGLangUpdateError as exc:
+                text = (exc.body or str(exc)).lower()
+                done.append(f"{what}: nothing to do" if any(b in text for b in benign) else f"{what}: {exc}")
+            except SGLangError as exc:
+                done.append(f"{what}: {exc}")
+
+        await attempt("end_weight_update",
+                      self._control("/end_weight_update", {}, tolerate_404=True, timeout_s=timeout_s),
+                      benign=("no weight-update session", "no weight update session"))
+        for name in dict.fromkeys(group_names):
+            await attempt(f"destroy_weights_update_group({name})",
+                          self._control("/destroy_weights_update_group", {"group_name": name}, timeout_s=timeout_s),
+                          benign=("does not exist",))
+        await attempt("continue_generation",
+                      self._control("/continue_generation", {"torch_empty_cache": True}, timeout_s=timeout_s))
+        logger.info("%s: stale-update recovery: %s", self.base_url, "; ".join(done))
+        return done
 
     async def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                               group_name: str = "weight_update_group", flush_cache: bool = True,
@@ -546,7 +628,8 @@ class SGLangClient:
     async def flush_cache(self, timeout_s: float = 0.0) -> str:
         """``/flush_cache``; its reply is plain text. Raises with the text on 400."""
         params = {"timeout": timeout_s} if timeout_s else None
-        response = await self.request("POST", "/flush_cache", params=params, idempotent=False, ok_statuses=(200, 400))
+        response = await self.request("POST", "/flush_cache", params=params, idempotent=False, ok_statuses=(200, 400),
+                                      fresh_connection=True)
         if response.status_code != 200:
             raise SGLangUpdateError(f"POST {self.base_url}/flush_cache failed: {response.text.strip()}",
                                     url=self.base_url + "/flush_cache", status_code=400, body=response.text)
@@ -554,7 +637,8 @@ class SGLangClient:
 
     async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
         """``/abort_request`` for one rid or all requests."""
-        await self.request("POST", "/abort_request", json={"rid": rid or "", "abort_all": abort_all}, idempotent=True)
+        await self.request("POST", "/abort_request", json={"rid": rid or "", "abort_all": abort_all}, idempotent=True,
+                           fresh_connection=True)
 
 
 class BackgroundLoop:

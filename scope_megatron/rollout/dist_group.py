@@ -19,6 +19,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_GROUP_NAME = "weight_update_group"
 
 
+def tcp_init_method(master_address: str, master_port: int) -> str:
+    """``tcp://host:port`` with an IPv6 literal bracketed (``tcp://[::1]:port``), as SGLang 0.5.23's
+    ``NetworkAddress(...).to_tcp()`` builds it for the engines' side
+    (``srt/utils/network.py:526-565``, used at ``model_executor/model_runner_components/weight_updater.py:132-135``)."""
+    import ipaddress
+
+    host = master_address.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        is_v6 = isinstance(ipaddress.ip_address(host.split("%", 1)[0]), ipaddress.IPv6Address)
+    except ValueError:  # a host name
+        is_v6 = False
+    return f"tcp://[{host}]:{master_port}" if is_v6 else f"tcp://{host}:{master_port}"
+
+
 def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int,
                              group_name: str = DEFAULT_GROUP_NAME, backend: str = "nccl",
                              timeout_s: float = 600.0):
@@ -32,7 +48,7 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = timedelta(seconds=timeout_s)
-    url = f"tcp://{master_address}:{master_port}"
+    url = tcp_init_method(master_address, master_port)
     logger.info("joining weight-update group %r at %s as rank %d/%d (%s)", group_name, url, rank, world_size, backend)
     store, rank, world_size = next(rendezvous(url, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
