@@ -54,9 +54,15 @@ else
   echo "setup: dependencies up to date"
 fi
 
-# SGLang's own request schema, used by one test to check our client's payloads (not installed).
+# SGLang's own request schema and CLI parser, used by tests to check our client's payloads and
+# the server argv we build (not installed).
 if ! ls .venv/wheels/sglang-0.5.23-*.whl >/dev/null 2>&1; then
   .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: -d .venv/wheels "sglang==0.5.23" \
-    || echo "setup: warning: could not download the sglang 0.5.23 wheel; its schema test will be skipped" >&2
+    || echo "setup: warning: could not download the sglang 0.5.23 wheel; its schema and parser tests will be skipped" >&2
+fi
+# sglang-router's CLI parser, used by a test to check the router argv we build (not installed).
+if ! ls .venv/wheels/sglang_router-0.3.2-*.whl >/dev/null 2>&1; then
+  .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: -d .venv/wheels "sglang-router==0.3.2" \
+    || echo "setup: warning: could not download the sglang-router 0.3.2 wheel; its parser test will be skipped" >&2
 fi
 echo "setup: done ($(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print(f"torch {torch.__version__}, megatron-core {m.__version__}")'))"

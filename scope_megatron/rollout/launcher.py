@@ -6,11 +6,18 @@
   ``RUN_DIR/logs/{role}-{i}.log``.
 - When a role has several replicas, ``python -m sglang_router.launch_router`` fronts them and
   the role's URL is the router's (weight updates still go to every worker URL: the router
-  does not fan them out).
+  does not fan them out). A role whose weights are updated (the student) should give its
+  router health-check thresholds that outlast a weight update: SGLang's ``/health`` blocks
+  while the server is paused for one, and the router evicts a worker after 3 failed probes.
+- ``deterministic=True`` launches SGLang with ``--enable-deterministic-inference``: without it
+  SGLang ignores a request's ``sampling_seed`` (``rollout.seeded``).
 - :meth:`RolloutServers.start` waits until every server answers ``/health`` (a process that
   exits meanwhile fails the start with its log tail, and everything started is stopped);
   :meth:`RolloutServers.stop` (also at interpreter exit) terminates the process groups.
 - :func:`external_endpoints` describes servers started elsewhere (multi-node) the same way.
+- ``python -m scope_megatron.rollout.launcher OUT_DIR`` (what ``launch/sglang_servers.sh`` runs)
+  starts the groups :func:`server_groups_from_env` reads from the environment, writes
+  ``OUT_DIR/servers.env`` once they are healthy and keeps them up until SIGTERM / Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import httpx
 
@@ -45,8 +55,16 @@ class ServerGroupSpec:
     base_port: int | None = None               # None: free ports
     extra_args: Sequence[str] = ()
     engine: str = "sglang"                     # "sglang" or "embedded"
+    # SGLang honours a request's sampling_seed only with --enable-deterministic-inference
+    # (SGLang 0.5.23 srt/sampling/sampling_batch_info.py:128,157-171); so does the embedded engine
+    deterministic: bool = False
     router_port: int | None = None
     router_policy: str = "cache_aware"
+    # the router's worker health checks (None: sglang-router 0.3.2's defaults, router_args.py:84-88:
+    # a probe every 60 s with a 5 s timeout, a worker evicted after 3 failures in a row)
+    router_health_check_timeout_s: int | None = None
+    router_health_check_interval_s: int | None = None
+    router_health_failure_threshold: int | None = None
 
 
 @dataclass
@@ -82,16 +100,38 @@ def server_command(spec: ServerGroupSpec, host: str, port: int, nccl_port: int, 
         # (the server process gets OMP_WAIT_POLICY=PASSIVE from RolloutServers unless set)
     else:
         raise ValueError(f"{spec.role}: engine must be 'sglang' or 'embedded', got {spec.engine!r}")
+    if spec.deterministic:
+        cmd.append("--enable-deterministic-inference")
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd + list(spec.extra_args)
 
 
 def router_command(worker_urls: Sequence[str], host: str, port: int, policy: str = "cache_aware",
-                   python: str = sys.executable) -> list[str]:
-    """argv of ``sglang_router`` in front of ``worker_urls``."""
-    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--policy", policy,
-            "--host", host, "--port", str(port)]
+                   python: str = sys.executable, health_check_timeout_s: int | None = None,
+                   health_check_interval_s: int | None = None,
+                   health_failure_threshold: int | None = None) -> list[str]:
+    """argv of ``sglang_router`` in front of ``worker_urls`` (health-check options: None keeps the router's default)."""
+    cmd = [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--policy", policy,
+           "--host", host, "--port", str(port)]
+    # flag names: sglang-router 0.3.2 sglang_router/router_args.py:573-595
+    for flag, value in (("--health-check-timeout-secs", health_check_timeout_s),
+                        ("--health-check-interval-secs", health_check_interval_s),
+                        ("--health-failure-threshold", health_failure_threshold)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"router {flag} must be >= 1, got {value}")
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def router_command_for(spec: ServerGroupSpec, worker_urls: Sequence[str], host: str, port: int,
+                       python: str = sys.executable) -> list[str]:
+    """argv of the router :class:`RolloutServers` puts in front of ``spec``'s replicas."""
+    return router_command(worker_urls, host, port, spec.router_policy, python,
+                          health_check_timeout_s=spec.router_health_check_timeout_s,
+                          health_check_interval_s=spec.router_health_check_interval_s,
+                          health_failure_threshold=spec.router_health_failure_threshold)
 
 
 @dataclass
@@ -161,9 +201,8 @@ class RolloutServers:
                 if len(workers) > 1:
                     port = spec.router_port or free_port()
                     url = f"http://{self.host}:{port}"
-                    router = self._spawn(f"{spec.role}-router", router_command(workers, self.host, port,
-                                                                               spec.router_policy, self.python),
-                                         url, {})
+                    router = self._spawn(f"{spec.role}-router",
+                                         router_command_for(spec, workers, self.host, port, self.python), url, {})
                     self._wait_healthy([router])
                 self.endpoints[spec.role] = Endpoints(role=spec.role, url=url, worker_urls=workers)
             return self.endpoints
@@ -225,3 +264,138 @@ class RolloutServers:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServersEnvError(ValueError):
+    """A bad variable in the environment of ``launch/sglang_servers.sh`` (the message names it)."""
+
+
+# launch/sglang_servers.sh's variables and their defaults (its header documents them)
+SERVERS_ENV_DEFAULTS: dict[str, str] = {
+    "STUDENT_GPUS": "0", "TEACHER_GPUS": "1", "TEACHER_TP": "1", "HOST": "127.0.0.1",
+    "STUDENT_PORT": "30000", "TEACHER_PORT": "30100", "ENGINE": "sglang", "SEEDED": "1",
+    # SGLang's /health blocks while a weight update pauses the server (SGLang 0.5.23
+    # managers/tokenizer_manager.py:938-939, entrypoints/http_server.py:744-799) and the router probes
+    # every 60 s: 30 failures in a row are ~30 minutes, longer than any weight update
+    "ROUTER_HEALTH_TIMEOUT_S": "30", "ROUTER_HEALTH_FAILURES": "30",
+    "EXTRA_STUDENT_ARGS": "", "EXTRA_TEACHER_ARGS": "",
+}
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int:
+    value = env.get(name, SERVERS_ENV_DEFAULTS[name])
+    try:
+        number = int(value)
+    except ValueError:
+        raise ServersEnvError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise ServersEnvError(f"{name}={value!r} must be >= {minimum}")
+    return number
+
+
+def _env_gpus(env: Mapping[str, str], name: str) -> list[int]:
+    value = env.get(name, SERVERS_ENV_DEFAULTS[name])
+    try:
+        ids = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ServersEnvError(f"{name}={value!r} is not a comma-separated list of GPU ids") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ServersEnvError(f"{name}={value!r}: give one or more distinct GPU ids")
+    return ids
+
+
+def server_groups_from_env(env: Mapping[str, str]) -> list[ServerGroupSpec]:
+    """The student and teacher groups ``launch/sglang_servers.sh`` starts, from its variables
+    (``SERVERS_ENV_DEFAULTS`` for those unset; ``STUDENT`` and ``TEACHER`` are required)."""
+    for name in ("STUDENT", "TEACHER"):
+        if not env.get(name):
+            raise ServersEnvError(f"set {name} to the {name.lower()} HF directory")
+    get = lambda name: env.get(name, SERVERS_ENV_DEFAULTS[name])  # noqa: E731
+    student_gpus, teacher_gpus = _env_gpus(env, "STUDENT_GPUS"), _env_gpus(env, "TEACHER_GPUS")
+    teacher_tp = _env_int(env, "TEACHER_TP", 1)
+    if set(student_gpus) & set(teacher_gpus):
+        raise ServersEnvError(f"STUDENT_GPUS={get('STUDENT_GPUS')} and TEACHER_GPUS={get('TEACHER_GPUS')} overlap")
+    if len(teacher_gpus) % teacher_tp:
+        raise ServersEnvError(f"TEACHER_GPUS={get('TEACHER_GPUS')}: {len(teacher_gpus)} GPUs are not replicas of "
+                              f"TEACHER_TP={teacher_tp}")
+    if get("SEEDED") not in ("0", "1"):
+        raise ServersEnvError(f"SEEDED must be 0 or 1, got {get('SEEDED')!r}")
+    engine = get("ENGINE")
+    if engine not in ("sglang", "embedded"):
+        raise ServersEnvError(f"ENGINE must be 'sglang' or 'embedded', got {engine!r}")
+    return [
+        ServerGroupSpec(role="student", model_path=env["STUDENT"], num_replicas=len(student_gpus), tp_size=1,
+                        gpu_ids=student_gpus, base_port=_env_int(env, "STUDENT_PORT", 1), engine=engine,
+                        deterministic=get("SEEDED") == "1", extra_args=shlex.split(get("EXTRA_STUDENT_ARGS")),
+                        router_health_check_timeout_s=_env_int(env, "ROUTER_HEALTH_TIMEOUT_S", 1),
+                        router_health_failure_threshold=_env_int(env, "ROUTER_HEALTH_FAILURES", 1)),
+        ServerGroupSpec(role="teacher", model_path=env["TEACHER"], num_replicas=len(teacher_gpus) // teacher_tp,
+                        tp_size=teacher_tp, gpu_ids=teacher_gpus, base_port=_env_int(env, "TEACHER_PORT", 1),
+                        engine=engine, extra_args=shlex.split(get("EXTRA_TEACHER_ARGS"))),
+    ]
+
+
+def servers_env_lines(endpoints: Mapping[str, Endpoints], groups: Sequence[ServerGroupSpec]) -> list[str]:
+    """``servers.env``: the URLs as the trainer's overrides take them, the GPUs the servers hold
+    and the machine they are on (``launch/train.sh`` trains on the other GPUs of that machine)."""
+    gpus = [g for spec in groups for g in (spec.gpu_ids or ())]
+    return [f"STUDENT_URLS=[{','.join(endpoints['student'].worker_urls)}]",
+            f"STUDENT_ROUTER={endpoints['student'].url}",
+            f"TEACHER_URLS=[{','.join(endpoints['teacher'].worker_urls)}]",
+            f"TEACHER_ROUTER={endpoints['teacher'].url}",
+            f"SERVER_GPUS={','.join(str(g) for g in gpus)}",
+            f"SERVER_HOSTNAME={socket.gethostname()}"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m scope_megatron.rollout.launcher OUT_DIR``: serve until SIGTERM / Ctrl-C (exit 0)."""
+    from ..logs import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m scope_megatron.rollout.launcher OUT_DIR  (variables: launch/sglang_servers.sh)",
+              file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        groups = server_groups_from_env(os.environ)
+    except ServersEnvError as exc:
+        print(f"sglang_servers: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    servers_env = out / "servers.env"
+    servers_env.unlink(missing_ok=True)  # an old file would point a trainer at servers that are gone
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal starting
+        if starting:  # interrupt the readiness wait: RolloutServers.start stops what it started
+            starting = False  # (and a second signal must not interrupt that stop)
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    servers = RolloutServers(run_dir=out, groups=groups, host=os.environ.get("HOST", SERVERS_ENV_DEFAULTS["HOST"]))
+    try:
+        with servers as endpoints:
+            starting = False
+            text = "\n".join(servers_env_lines(endpoints, groups)) + "\n"
+            tmp = out / "servers.env.tmp"
+            tmp.write_text(text)
+            tmp.replace(servers_env)  # whole or absent for a reader polling for it
+            print(text, end="", flush=True)
+            stop.wait()
+            logger.info("stopping the servers")
+    except (RuntimeError, TimeoutError, ValueError) as exc:  # a server failed to start: its log tail is in exc
+        logger.error("%s", exc)
+        return 1
+    finally:
+        servers_env.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
