@@ -13,13 +13,19 @@ import torch
 
 from scope_megatron.logs import setup_logging
 from scope_megatron.model.arch import ModelArch, UnsupportedModelError
-from scope_megatron.model.checkpoint import OutputExistsError
+from scope_megatron.model.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    OutputExistsError,
+    describe_checkpoint_exception,
+)
 from scope_megatron.model.hf_io import WeightFileError
 
 logger = logging.getLogger("checkpoints_tools")
 
 # Errors that are the user's input, reported in one line with exit code 2.
-INPUT_ERRORS = (UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError, ValueError)
+INPUT_ERRORS = (UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError, ValueError,
+                CheckpointMismatchError, CheckpointReadError)
 
 
 def tool_command(module: str, *args: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
@@ -44,6 +50,8 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
 def run_tool(name: str, body: Callable[[argparse.Namespace], dict], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
     """Parse args, run ``body``, print its result as one JSON line on rank 0; map input errors to exit 2."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -51,6 +59,9 @@ def run_tool(name: str, body: Callable[[argparse.Namespace], dict], parser: argp
     except INPUT_ERRORS as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointException as err:  # a BaseException (torch/distributed/checkpoint/api.py:30): a failed write
+        print(f"{name}: error: checkpoint write failed: {describe_checkpoint_exception(err)}", file=sys.stderr)
+        return 1
     finally:
         from scope_megatron.parallel import destroy_parallel
 

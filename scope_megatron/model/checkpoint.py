@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .arch import ModelArch, arch_from_hf_config
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "scope_megatron.json"
@@ -125,16 +128,81 @@ def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(model_dir))
 
 
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys are not the model's (beyond Transformer Engine's ``_extra_state``)."""
+
+
+class CheckpointReadError(RuntimeError):
+    """torch.distributed.checkpoint failed to read a checkpoint (a corrupt or incomplete file)."""
+
+
+def is_extra_state_key(key: str) -> bool:
+    """Whether a dist-checkpoint key holds a module's ``_extra_state`` (no weights in it).
+
+    Transformer Engine modules carry one (their FP8 metadata); megatron's own linear layers save
+    an empty one
+    (megatron-core 0.19 ``tensor_parallel/layers.py:1229-1233``); torch norms have none.
+    """
+    return key.rsplit(".", 1)[-1] == "_extra_state"
+
+
+def describe_checkpoint_exception(err: BaseException) -> str:
+    """One line per failing rank of a torch DCP ``CheckpointException`` (its str() holds whole tracebacks)."""
+    failures = getattr(err, "failures", None) or {}
+    parts = [f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _trace) in sorted(failures.items())]
+    return "; ".join(parts) if parts else f"{type(err).__name__}: {err}"
+
+
+def _same_on_all_ranks(problems: list[str]) -> list[str]:
+    """Every rank's problems, so that all ranks raise together instead of some waiting in a collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problems
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    return sorted({p for rank_problems in gathered for p in (rank_problems or [])})
+
+
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load ``ckpt_dir/model`` into this rank's model chunk, whatever layout it was saved at."""
+    """Load ``ckpt_dir/model`` into this rank's model chunk, whatever layout it was saved at.
+
+    Keys must match both ways, except ``*._extra_state`` keys: a checkpoint written without
+    Transformer Engine (CPU, ``layer_impl: local*``) has none for the norms that a TE build makes
+    ``TENorm`` (the final norm under any spec when TE is importable, megatron-core 0.19
+    ``transformer/transformer_block.py:53-56, 250-254``; TE's q/k norms,
+    ``models/gpt/gpt_layer_specs.py:318-330``), and a TE-written one has some that a local build
+    does not request. Those modules keep their initial extra state (no weights live in it).
+    Anything else missing on either side raises :class:`CheckpointMismatchError` on every rank.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     model_dir = Path(ckpt_dir) / MODEL_SUBDIR
     if not (model_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no complete megatron checkpoint (metadata.json missing)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
+    # RETURN_ALL: megatron drops requested keys the checkpoint lacks from the load and returns both
+    # sides' mismatches instead of letting torch DCP fail on the first one
+    # (megatron-core 0.19 dist_checkpointing/validation.py:64-83, 180-184, 237-282). In megatron's
+    # terms "missing" = in the checkpoint, not requested; "unexpected" = requested, not in the checkpoint.
+    try:
+        state, ckpt_only, model_only = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir),
+                                                               strict=StrictHandling.RETURN_ALL)
+    except CheckpointException as err:  # a BaseException (torch/distributed/checkpoint/api.py:30)
+        raise CheckpointReadError(f"checkpoint {model_dir} could not be read: "
+                                  f"{describe_checkpoint_exception(err)}") from err
+    tolerated = sorted(k for k in (*ckpt_only, *model_only) if is_extra_state_key(k))
+    problems = [f"not in the checkpoint: {k}" for k in sorted(model_only) if not is_extra_state_key(k)]
+    problems += [f"in the checkpoint but not in the model: {k}" for k in sorted(ckpt_only) if not is_extra_state_key(k)]
+    problems = _same_on_all_ranks(problems)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise CheckpointMismatchError(f"checkpoint {model_dir} does not match the model: {shown}")
+    if tolerated:
+        logger.info("checkpoint %s: %d module(s) without a saved _extra_state on one side (checkpoint written "
+                    "with a different layer implementation, e.g. with or without Transformer Engine); they "
+                    "keep their initial extra state: %s", model_dir, len(tolerated), tolerated[:4])
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not is_extra_state_key(k)]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {model_dir} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise CheckpointMismatchError(f"checkpoint {model_dir} does not match the model: missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]}")
