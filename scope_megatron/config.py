@@ -54,6 +54,9 @@ class ParallelConfig:
     max_tokens_per_microbatch: Optional[int] = None  # set: packed (THD) micro-batches of at most this many tokens
     oversize_sequences: str = "alone"    # a sequence over the token budget: alone (own micro-batch) | error
     use_distributed_optimizer: bool = True
+    # how long a rank may wait in a collective (torch.distributed and megatron's groups); rank 0's
+    # HTTP phases (weight-group formation, pause) sit between collectives. NCCL's default is 10
+    distributed_timeout_minutes: int = 60
 
 
 @dataclass
@@ -78,6 +81,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     seeded: bool = True                  # sampling_seed from (seed, step, prompt, sample): reproducible
+    # with seeded: refuse student servers without --enable-deterministic-inference (false: warn only)
+    require_deterministic: bool = True
     student_urls: list = field(default_factory=list)  # worker URLs; empty: embedded engine
     student_router_url: Optional[str] = None
     api_key: Optional[str] = None
@@ -85,13 +90,14 @@ class RolloutConfig:
     request_timeout_s: float = 3600.0
     max_retries: int = 3
     retry_backoff_s: float = 0.5
-    embedded_device: Optional[str] = None        # None: cuda when available
+    embedded_device: Optional[str] = None        # None: cpu without CUDA; on GPU it must be set (check_embedded_devices)
     embedded_max_batch_size: int = 32
 
 
 @dataclass
 class TeacherConfig:
     model: str = ""                      # HF dir, for the embedded teacher
+    tokenizer: Optional[str] = None      # teacher tokenizer dir for the vocabulary check (default: model)
     urls: list = field(default_factory=list)     # teacher workers; empty: embedded engine
     router_url: Optional[str] = None
     max_concurrency: int = 256
@@ -155,7 +161,7 @@ class SyncConfig:
     bucket_mb: float = 512.0
     disk_dir: Optional[str] = None       # disk transport: a path the engines can read (default RUN_DIR/weight_sync)
     flattened_bucket: bool = False
-    master_address: str = "127.0.0.1"    # address of rank 0 as the engines see it
+    master_address: str = "auto"         # rank 0's address as the engines see it; auto: resolved by rank 0
     verify: bool = True                  # score a probe on the engine after each sync and compare
     verify_tolerance: Optional[float] = None   # max |lp_engine - lp_trainer|; None: 1e-3 fp32, 0.1 bf16
     probe_tokens: int = 16
@@ -464,11 +470,14 @@ def validate(c: Config) -> None:
     _choice(o.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
     s = c.sync
     _choice(s.transport, "sync.transport", ("distributed", "disk"))
+    _check_master_address(s.master_address)
     _require(s.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _require(s.probe_tokens >= 1, "sync.probe_tokens", "must be >= 1")
     if s.verify_tolerance is not None:
         _require(s.verify_tolerance > 0, "sync.verify_tolerance", "must be > 0")
     k = c.checkpoint
+    _require(c.parallel.distributed_timeout_minutes >= 1, "parallel.distributed_timeout_minutes",
+             f"must be >= 1, got {c.parallel.distributed_timeout_minutes}")
     _require(k.every >= 0, "checkpoint.every", "must be >= 0")
     _require(k.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _require(k.export_hf_every >= 0, "checkpoint.export_hf_every", "must be >= 0")
@@ -497,3 +506,64 @@ def check_world(c: Config, world_size: int) -> None:
     mp = p.tp * p.pp * p.cp
     _require(world_size % mp == 0, "parallel", f"world size {world_size} is not divisible by tp*pp*cp = "
                                                f"{p.tp}*{p.pp}*{p.cp}")
+
+
+def _check_master_address(value: str) -> None:
+    """``sync.master_address``: ``auto``, a host name or an IP literal (no scheme, no port)."""
+    import ipaddress
+
+    name = "sync.master_address"
+    _require(bool(value) and value == value.strip(), name, f"must be 'auto', a host name or an IP, got {value!r}")
+    if value == "auto":
+        return
+    _require("://" not in value and "/" not in value, name,
+             f"give a host name or IP without a scheme or path (the port is chosen at run time), got {value!r}")
+    if ":" in value:  # only an IPv6 literal may contain colons
+        try:
+            ipaddress.IPv6Address(value.strip("[]"))
+        except ValueError:
+            raise ConfigError(name, f"give a host name or IP without a port (the port is chosen at run time), "
+                                    f"got {value!r}") from None
+
+
+def _cuda_index(device: str) -> int | None:
+    """``cuda`` / ``cuda:N`` -> N (0 for ``cuda``); anything else -> None."""
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    return None
+
+
+def check_embedded_devices(c: Config, cuda_device_count: int, local_world_size: int) -> None:
+    """Embedded engines never land on a GPU the trainer trains on unless asked.
+
+    Without CUDA (``cuda_device_count == 0``) nothing changes: the engines run on the CPU. With
+    CUDA, an embedded engine's ``*.embedded_device`` must be set: this node's trainer ranks use
+    ``cuda:0`` .. ``cuda:<local_world_size - 1>`` (torchrun's LOCAL_RANK) and an unset device
+    means ``cuda:0``, rank 0's own GPU. With several local ranks a GPU of theirs is refused;
+    with one, ``cuda:0`` is accepted when given explicitly (sharing it is then the user's choice).
+    A CUDA index must be visible to the trainer (the engine inherits CUDA_VISIBLE_DEVICES).
+    """
+    if cuda_device_count <= 0 or c.supervised:
+        return
+    trainer_gpus = f"cuda:0..cuda:{local_world_size - 1}" if local_world_size > 1 else "cuda:0"
+    for role, embedded, name, urls in (("student", c.embedded_student, "rollout.embedded_device", "rollout.student_urls"),
+                                       ("teacher", c.embedded_teacher, "teacher.embedded_device", "teacher.urls")):
+        if not embedded:
+            continue
+        device = (c.rollout if role == "student" else c.teacher).embedded_device
+        _require(device is not None, name,
+                 f"the trainer trains on {trainer_gpus} and an embedded {role} engine would default to rank 0's "
+                 f"GPU: set {name} to a GPU the trainer does not use (cuda:{local_world_size} or above, visible "
+                 f"in CUDA_VISIBLE_DEVICES), to cpu, or (one trainer rank) to cuda:0 to share it on purpose; "
+                 f"or serve the {role} with SGLang ({urls})")
+        index = _cuda_index(device)
+        if index is None:
+            continue
+        _require(index < cuda_device_count, name,
+                 f"{device} is not visible: the trainer sees {cuda_device_count} GPU(s) (CUDA_VISIBLE_DEVICES)")
+        if local_world_size > 1:
+            _require(index >= local_world_size, name,
+                     f"{device} is a training GPU ({local_world_size} trainer ranks on this node use {trainer_gpus}); "
+                     f"choose cuda:{local_world_size} or above, or cpu")
