@@ -92,7 +92,7 @@ def test_generate_score_and_disk_update_end_to_end(dirs, tmp_path):
             after = await client.score(PROMPT, group[0].output_ids)
             assert after.weight_version == "3" and after.token_logprobs != pytest.approx(scores[0].token_logprobs)
             assert "Cache flushed" in await client.flush_cache()
-            with pytest.raises(SGLangUpdateError, match="no weight update session"):
+            with pytest.raises(SGLangUpdateError, match="no weight-update session is open"):  # SGLang's text
                 await client.end_weight_update()
             with pytest.raises(SGLangHTTPError, match="unknown field `max_tokens`") as info:
                 await client._json("POST", "/generate", {"input_ids": PROMPT, "sampling_params": {"max_tokens": 2}})
@@ -233,3 +233,65 @@ def test_unreachable_server_fails_after_retries():
             with pytest.raises(SGLangTimeoutError, match="not ready"):
                 await client.wait_ready(timeout_s=0.3, poll_s=0.05)
     run(go())
+
+
+def test_control_calls_use_a_fresh_connection_each():
+    """SGLang 0.5.23 closes idle keep-alive connections after 5 s (srt/environ.py:337,
+    srt/entrypoints/http_server.py:2956): a control call, not safe to repeat, must not reuse one."""
+    app = FastAPI()
+    seen: list[tuple[str, int, str | None]] = []
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def anything(path: str, request: Request):
+        seen.append(("/" + path, request.client.port, request.headers.get("connection")))
+        if path == "flush_cache":
+            return PlainTextResponse("Cache flushed.")
+        return {"success": True, "message": "Success", "weight_version": "1"}
+
+    with FakeServer(app) as fake:
+        async def go():
+            async with SGLangClient(fake.url) as client:
+                await client.model_info()
+                await client.model_info()  # pooled: the same connection
+                await client.pause_generation()
+                await client.begin_weight_update()
+                await client.update_weights_from_disk("/x")
+                await client.end_weight_update()
+                await client.flush_cache()
+                await client.continue_generation()
+        run(go())
+    info, control = seen[:2], seen[2:]
+    assert info[0][1] == info[1][1] and info[0][2] != "close"
+    assert [p for p, _, _ in control] == ["/pause_generation", "/begin_weight_update", "/update_weights_from_disk",
+                                          "/end_weight_update", "/flush_cache", "/continue_generation"]
+    ports = [port for _, port, _ in control]
+    assert len(set(ports)) == len(ports) and info[0][1] not in ports
+    assert all(conn == "close" for _, _, conn in control)
+
+
+def test_input_token_ids_clipped_by_the_server_are_accepted():
+    """SGLang 0.5.23 reports input ids >= vocab_size - 1 as 0
+    (srt/managers/scheduler_components/logprob_result_processor.py:52-55); the fake server does
+    exactly that for a vocabulary of 100."""
+    vocab = 100
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def gen(request: Request):
+        body = await request.json()
+        ids, start = body["input_ids"], body["logprob_start_len"]
+        reported = [t if t < vocab - 1 else 0 for t in ids[start:]]
+        entries = [[None if j == 0 else -0.5 * j, t, None] for j, t in enumerate(reported)]
+        return {"output_ids": [], "meta_info": {"input_token_logprobs": entries, "weight_version": "default"}}
+
+    with FakeServer(app) as fake:
+        async def go():
+            async with SGLangClient(fake.url, vocab_size=vocab) as client:
+                res = await client.score([1, 2, 99], [5, 99, 0, 98])
+                assert res.token_logprobs == [-0.5, -1.0, -1.5, -2.0]
+            async with SGLangClient(fake.url) as client:  # vocab unknown: a reported 0 is accepted
+                assert len((await client.score([1, 2], [99])).token_logprobs) == 1
+            async with SGLangClient(fake.url, vocab_size=200) as client:  # 99 < 199: a real mismatch
+                with pytest.raises(SGLangResponseError, match=r"input_token_logprobs\[1\] is for token 0"):
+                    await client.score([1, 2], [99])
+        run(go())

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from safetensors.torch import load_file
 
-from scope_megatron.rollout.client import SGLangClient
+from scope_megatron.rollout.client import SGLangClient, SGLangError
 from scope_megatron.rollout.dist_group import tcp_init_method
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
@@ -123,22 +127,32 @@ def test_update_from_disk_changes_logprobs_exactly_and_version(dirs, tmp_path):
         assert version == "8" and back == pytest.approx(before, abs=1e-6)
 
 
-def test_disk_update_with_missing_or_wrong_weights_fails_and_keeps_old(dirs, tmp_path):
+def test_disk_update_of_some_weights_loads_them_and_a_wrong_shape_kills_the_server(dirs, tmp_path):
+    """As SGLang 0.5.23: the files may hold any subset of the weights
+    (model_runner_components/weight_updater.py:172-252); a wrong shape fails the load and its
+    roll-back, which re-reads the same new files, so the scheduler (the server) dies."""
     old, new = dirs
     state = new_state(new)
     with start_embedded_server(old) as server:
-        before, _ = score(server.url)
         partial = dict(list(state.items())[:3])
         with WeightTransfer([server.url], transport="disk", disk_dir=tmp_path / "w") as wt:
-            with pytest.raises(Exception, match="lacks weight"):
-                wt.update(partial.items(), weight_version=1)
+            wt.update(partial.items(), weight_version=1)
+            name = next(iter(partial))
+            got = httpx.post(server.url + "/get_weights_by_name", json={"name": name, "truncate_size": 20}).json()
+            assert got == partial[name].flatten()[:20].tolist() and score(server.url)[1] == "1"
             bad = dict(state)
             bad["model.norm.weight"] = torch.zeros(3)
-            with pytest.raises(Exception, match="model.norm.weight"):
-                wt.update(bad.items(), weight_version=1)
-        after, version = score(server.url)
-        assert version == "default" and after == before
-        assert httpx.get(server.url + "/ready").status_code == 200  # generation was continued
+            with pytest.raises(Exception):
+                wt.update(bad.items(), weight_version=2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(server.url + "/model_info", timeout=2)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server still answers after its scheduler died")
 
 
 def test_distributed_update_needs_a_session(dirs):
@@ -321,3 +335,93 @@ def test_ipv6_master_address(dirs, engine_process):
                         request_timeout_s=60) as wt:
         wt.update(new_state(new).items(), weight_version="v6")
         assert score(engine_process.url)[1] == "v6"
+
+
+def recording_worker(calls: list[str], server_info: dict | None = None, refuse: dict[str, int] | None = None):
+    """A fake SGLang worker answering every control call like 0.5.23 does (``{"success", "message"}``)
+    and recording the paths it saw, in order; ``refuse`` maps a path to the HTTP status it answers."""
+    app = FastAPI()
+    state = {"version": "default"}
+    info = {"tp_size": 1, "pp_size": 1, "dp_size": 1, **(server_info or {})}
+
+    @app.get("/server_info")
+    async def server_info():
+        calls.append("/server_info")
+        return info
+
+    @app.get("/model_info")
+    async def model_info():
+        calls.append("/model_info")
+        return {"weight_version": state["version"]}
+
+    @app.post("/{path:path}")
+    async def control(path: str, request: Request):
+        calls.append("/" + path)
+        body = await request.json()
+        status = (refuse or {}).get("/" + path)
+        if status is not None:
+            return JSONResponse({"success": False, "message": f"refused {path}"}, status_code=status)
+        if path == "update_weights_from_disk":
+            state["version"] = body.get("weight_version") or state["version"]
+        return {"success": True, "message": "Success"}
+
+    return app
+
+
+@pytest.mark.parametrize("layout,needle", [({"pp_size": 2}, "pp_size=2"), ({"dp_size": 2}, "dp_size=2")])
+def test_pipeline_or_data_parallel_servers_are_refused(layout, needle):
+    from tests.test_rollout_client import FakeServer
+
+    calls: list[str] = []
+    with FakeServer(recording_worker(calls, server_info={"tp_size": 2, **layout})) as fake:
+        t0 = time.monotonic()
+        with WeightTransfer([fake.url], backend="gloo", group_timeout_s=20) as wt:
+            with pytest.raises(ValueError, match=needle) as info:
+                wt.connect()
+        assert time.monotonic() - t0 < 10
+    assert "--tp-size" in str(info.value) and "router" in str(info.value)
+    assert "/init_weights_update_group" not in calls  # refused before any group is formed
+
+
+def test_a_worker_refusing_the_group_fails_the_trainer_in_seconds(dirs, engine_process):
+    """One worker answers 400 to init_weights_update_group; the trainer fails at once (not after
+    group_timeout_s), and the other worker, the embedded engine, is left without a group."""
+    from tests.test_rollout_client import FakeServer
+
+    calls: list[str] = []
+    with FakeServer(recording_worker(calls, refuse={"/init_weights_update_group": 400})) as fake:
+        t0 = time.monotonic()
+        with WeightTransfer([engine_process.url, fake.url], backend="gloo", group_timeout_s=60) as wt:
+            with pytest.raises(SGLangError, match=rf"engine {fake.url} refused to join .*refused init_weights"):
+                wt.connect()
+        assert time.monotonic() - t0 < 10
+    assert "/init_weights_update_group" in calls and "/destroy_weights_update_group" in calls
+
+
+def test_disk_updates_open_no_session():
+    from tests.test_rollout_client import FakeServer
+
+    calls: list[str] = []
+    with FakeServer(recording_worker(calls)) as fake:
+        with WeightTransfer([fake.url], transport="disk", disk_dir=Path(os.environ.get("TMPDIR", "/tmp")) /
+                            f"disk-{os.getpid()}-{time.monotonic_ns()}") as wt:
+            wt.update([("model.norm.weight", torch.ones(4))], weight_version=3)
+            after_recovery = calls[calls.index("/pause_generation"):]
+            wt.update([("model.norm.weight", torch.ones(4))], weight_version=4)
+            shutil.rmtree(wt.disk_dir, ignore_errors=True)
+    assert after_recovery == ["/pause_generation", "/update_weights_from_disk", "/continue_generation", "/model_info"]
+    assert calls.count("/begin_weight_update") == 0
+    assert calls.count("/end_weight_update") == 1  # only the recovery of a dead trainer's session, once
+
+
+def test_pause_failure_on_one_engine_still_continues_the_others(dirs, engine_process, tmp_path):
+    from tests.test_rollout_client import FakeServer
+
+    _, new = dirs
+    calls: list[str] = []
+    with FakeServer(recording_worker(calls, refuse={"/pause_generation": 500})) as fake:
+        with WeightTransfer([engine_process.url, fake.url], transport="disk", disk_dir=tmp_path / "w") as wt:
+            with pytest.raises(SGLangError, match=rf"pause_generation on {fake.url} failed"):
+                wt.update(new_state(new).items(), weight_version=9)
+    assert httpx.get(engine_process.url + "/ready").status_code == 200  # the engine that paused was continued
+    assert score(engine_process.url)[1] != "9"
