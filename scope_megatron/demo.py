@@ -233,7 +233,8 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings) -> float
         return float(json.loads(results.read_text())["mean"]["avg@1"])
     out.mkdir(parents=True, exist_ok=True)
     handle = start_embedded_server_process(model, free_port(), extra_args=[
-        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "64", "--log-level", "warning"],
+        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "64", "--log-level", "warning",
+        "--enable-deterministic-inference"],  # the eval's sampling_seed is honoured only so
         log_path=out / "engine.log", ready_timeout=300)
     try:
         settings = EvalSettings(n=s.eval_n, ks=(1, s.eval_n), max_new_tokens=s.max_new_tokens, seed=s.seed)

@@ -91,7 +91,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    handle = start_embedded_server(model_dir, random_seed=0, max_batch_size=16)
+    handle = start_embedded_server(model_dir, random_seed=0, max_batch_size=16,
+                                   enable_deterministic_inference=True)  # seeded evaluations, as the eval CLI
     yield handle
     handle.stop()
 

@@ -149,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"starting the embedded engine for {args.model} ...", flush=True)
             handle = start_embedded_server(args.model, device=args.device, dtype=args.dtype,
                                            max_batch_size=args.max_batch_size, random_seed=args.seed or 0,
+                                           enable_deterministic_inference=args.seed is not None,  # seeds honoured
                                            ready_timeout=600.0)
             url = handle.url
         else:
