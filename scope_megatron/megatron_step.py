@@ -286,16 +286,31 @@ class PackedMicroBatch(MicroBatch):
         index = self.local_index()
         return (index - torch.repeat_interleave(starts, lengths)[index]).unsqueeze(0)
 
+    @property
+    def pad_between_seqs(self) -> bool:
+        """Whether any slot holds padding after its sequence, the last slot included."""
+        return self.cu_seqlens_padded is not None and bool((self.cu_seqlens != self.cu_seqlens_padded).any())
+
     def packed_seq_params(self, cp_group=None):
-        """megatron's ``PackedSeqParams`` (THD) for this row."""
+        """megatron's ``PackedSeqParams`` (THD) for this row.
+
+        ``pad_between_seqs`` is set explicitly (computed on the CPU tensors, no device sync): TE
+        releases that infer it compare ``cu_seqlens_q_padded[:-1]`` with ``cu_seqlens_q[:-1]`` and so
+        miss padding in the last slot only (TE v2.12 ``dot_product_attention.py:1328-1338``), which
+        is every one-sequence row under context parallelism; megatron forwards the field to TE
+        >= 2.2 (megatron-core 0.19 ``extensions/transformer_engine.py:1944-1945``). Without padding
+        the padded bounds are the same tensor object as the real ones, so a TE that compares the two
+        itself (by value or by identity) sees no padding either.
+        """
         from megatron.core.packed_seq_params import PackedSeqParams
 
         device = self.tokens.device
+        pad = self.pad_between_seqs
         cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
-        cu_padded = self.slot_bounds.to(device=device, dtype=torch.int32)
+        cu_padded = self.slot_bounds.to(device=device, dtype=torch.int32) if pad else cu
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
                                cu_seqlens_kv_padded=cu_padded, max_seqlen_q=self.max_seqlen,
-                               max_seqlen_kv=self.max_seqlen, cp_group=cp_group)
+                               max_seqlen_kv=self.max_seqlen, cp_group=cp_group, pad_between_seqs=pad)
 
     def block_causal_mask(self) -> torch.Tensor:
         """[1, 1, T, T] bool, True = masked (megatron's convention): causal inside each slot only."""
@@ -344,6 +359,12 @@ def packed_attention_mode(chunk: torch.nn.Module) -> str:
     return "thd"  # a stage without attention layers: the parameters are ignored
 
 
+def _has_sdpa_attention(chunk: torch.nn.Module) -> bool:
+    from .model.sdpa_attention import SDPAttention
+
+    return any(isinstance(module, SDPAttention) for module in chunk.modules())
+
+
 def forward_micro_batch(chunk: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Run one (DDP-wrapped or plain) model chunk on a micro-batch: padded rows, or a packed row."""
     from megatron.core import parallel_state as ps
@@ -359,5 +380,9 @@ def forward_micro_batch(chunk: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         raise ValueError(f"micro-batch split for cp_size={mb.cp_size}, the context-parallel group has {cp_size} ranks")
     mode = mb.attention if mb.attention != "auto" else packed_attention_mode(chunk)
     if mode == "thd":
-        return chunk(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(cp_group))
+        # Only SDPAttention reads the CP group from the params; TE's attention got it at construction
+        # (megatron-core 0.19 extensions/transformer_engine.py:1858-1868) and would re-register it in
+        # every layer when the params carry one (:1986-1995).
+        group = cp_group if cp_size > 1 and _has_sdpa_attention(chunk) else None
+        return chunk(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(group))
     return chunk(mb.tokens, mb.position_ids, mb.block_causal_mask())
