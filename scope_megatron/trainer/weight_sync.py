@@ -12,11 +12,21 @@ If sending fails on rank 0, rank 0 still drains the stream (so the other ranks' 
 complete), then every rank learns the failure through the control group and raises
 :class:`SyncError`.
 
-``sync.verify``: after each sync, a fixed probe (prompt + response tokens) is scored
-teacher-forced by every student worker, and the trainer's own log-probs of the probe (a
-forward-only pass through megatron's schedule, temperature 1, like the engine's prompt
-log-probs) are compared; a difference beyond ``sync.verify_tolerance`` raises SyncError
-("garbled after the first sync" is caught at the step where it happens).
+``sync.verify``: after each sync, the first student worker continues a fixed prompt (the
+data's first) greedily for ``sync.probe_tokens`` tokens with the weights it just received;
+every student worker scores that continuation teacher-forced, and the trainer computes its own
+log-probs of it (a forward-only pass through megatron's schedule, temperature 1, like the
+engine's prompt log-probs). The statistic is the mean |lp_engine - lp_trainer| over the
+continuation's tokens; above ``sync.verify_tolerance`` (default :func:`default_verify_tolerance`:
+1e-3 in fp32, 0.1 in bf16) it raises SyncError, so garbled weights are caught at the step where
+they arrive.
+
+Why greedy tokens and a mean: the tokens are the engine's own top-1 choices, so their
+log-probs are near 0 where bf16 rounding moves them least, and the mean over the tokens damps
+the odd token near a tie; a fixed text (or the max over tokens) lets the noise of a few
+low-probability tokens decide. A wrong mapping (a tensor that never arrived, a transposed or
+swapped projection) changes the engine's top-1 tokens, which the trainer then finds unlikely:
+the mean moves by whole nats, far above the tolerance.
 """
 
 from __future__ import annotations
@@ -56,8 +66,26 @@ class SyncResult:
     probe_mean_abs_diff: float = float("nan")
 
 
+def default_verify_tolerance(dtype: torch.dtype) -> float:
+    """Largest allowed mean |lp_engine - lp_trainer| over the probe when ``sync.verify_tolerance`` is unset."""
+    return 1e-3 if dtype == torch.float32 else 0.1
+
+
+def probe_statistics(engine_logprobs: list[float], trainer_logprobs: list[float]) -> tuple[float, float]:
+    """(mean, max) of |engine - trainer| over the probe's response tokens."""
+    if len(engine_logprobs) != len(trainer_logprobs) or not engine_logprobs:
+        raise ValueError(f"probe log-probs of different or zero lengths: {len(engine_logprobs)} engine, "
+                         f"{len(trainer_logprobs)} trainer")
+    diffs = [abs(a - b) for a, b in zip(engine_logprobs, trainer_logprobs)]
+    return sum(diffs) / len(diffs), max(diffs)
+
+
 def make_probe(prompt_ids: list[int], answer_text: str, tokenizer: Any, probe_tokens: int) -> Probe:
-    """A fixed probe: the first prompt of the data and a short answer-like response."""
+    """The probe's prompt (the first prompt of the data) and its length: ``probe_tokens`` tokens.
+
+    The response here (answer-like text) is only a placeholder of the right length: each check
+    replaces it by the engine's greedy continuation of the prompt (:meth:`WeightSync._verify`).
+    """
     response = list(tokenizer(f"The answer is \\boxed{{{answer_text}}}.", add_special_tokens=False)["input_ids"])
     response = (response * (1 + probe_tokens // max(len(response), 1)))[:probe_tokens]
     return Probe(prompt_ids=list(prompt_ids[-256:]), response_ids=response)
@@ -115,8 +143,9 @@ class WeightSync:
         self.arch = arch
         self.control_group = control_group
         self.verify = verify
-        self.tolerance = tolerance
-        self.probe = probe
+        self.tolerance = tolerance  # largest allowed mean |lp_engine - lp_trainer| over the probe
+        self.probe = probe  # prompt + placeholder response (its length is the continuation's)
+        self.last_probe: Probe | None = None  # the probe of the last check (the greedy continuation)
         self.log_path = log_path
         self.device = device
         self.engine_urls = list(engine_urls or [])
@@ -130,7 +159,9 @@ class WeightSync:
             self.transfer = WeightTransfer(self.engine_urls, transport=transport, bucket_bytes=bucket_bytes,
                                            master_address=master_address, disk_dir=disk_dir,
                                            flattened_bucket=flattened_bucket, api_key=api_key,
-                                           request_timeout_s=timeout_s, group_timeout_s=min(timeout_s, 600.0))
+                                           request_timeout_s=timeout_s, group_timeout_s=min(timeout_s, 600.0),
+                                           group_record=None if log_path is None else
+                                           Path(log_path).parent / "weight_update_group.json")
 
     def close(self) -> None:
         if self.transfer is not None:
@@ -152,9 +183,18 @@ class WeightSync:
 
         result = SyncResult()
         start = time.monotonic()
-        stream = export_hf_tensors(self.model, self.arch)
         error = None
         if self.is_controller:
+            try:  # group formation (minutes on a slow join) before the export's NCCL collectives start
+                self.transfer.connect()
+            except Exception as exc:
+                error = (f"weight sync of step {step} to the student engines {self.engine_urls} failed: "
+                         f"{type(exc).__name__}: {exc}")
+                logger.error("%s", error)
+        # the other ranks wait here, on gloo with the control group's long timeout, not in an NCCL kernel
+        dist.barrier(group=self.control_group)
+        stream = export_hf_tensors(self.model, self.arch)
+        if self.is_controller and error is None:
             try:
                 stats = self.transfer.update(stream, weight_version=step)
                 result.num_bytes, result.num_tensors = stats.num_bytes, stats.num_tensors
@@ -174,8 +214,41 @@ class WeightSync:
             self._verify(step, result)
         return result
 
+    def _greedy_continuation(self) -> tuple[list[int] | None, str | None]:
+        """Rank 0: the first student worker's greedy continuation of the probe prompt, or an error."""
+        from ..rollout.client import BackgroundLoop, SGLangClient
+        from ..rollout.protocol import SamplingParams
+
+        url = self.engine_urls[0]
+        # temperature 0 is greedy in SGLang (srt/sampling/sampling_params.py: top_k = 1); EOS does not end it
+        sampling = SamplingParams(max_new_tokens=len(self.probe.response_ids), temperature=0.0, ignore_eos=True)
+
+        async def generate():
+            async with SGLangClient(url, api_key=self.api_key, timeout_s=self.timeout_s) as client:
+                return await client.generate(self.probe.prompt_ids, sampling, return_logprob=False)
+
+        loop = BackgroundLoop("verify-sync-generate")
+        try:
+            ids = list(loop.run(generate()).output_ids)
+        except Exception as exc:
+            return None, (f"verify_sync: generating the probe continuation on student engine {url} failed: "
+                          f"{type(exc).__name__}: {exc}")
+        finally:
+            loop.close()
+        if not ids:
+            return None, f"verify_sync: student engine {url} generated no token for the probe prompt"
+        return ids, None
+
     def _verify(self, step: int, result: SyncResult) -> None:
-        ours = trainer_probe_logprobs(self.ddp_model, self.probe, self.arch.vocab_size, self.device)
+        box: list[Any] = [None, None]
+        if self.is_controller:
+            box = list(self._greedy_continuation())
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        if box[1] is not None:
+            raise SyncError(box[1])
+        probe = Probe(prompt_ids=list(self.probe.prompt_ids), response_ids=list(box[0]))
+        self.last_probe = probe
+        ours = trainer_probe_logprobs(self.ddp_model, probe, self.arch.vocab_size, self.device)
         error = None
         if self.is_controller:
             from ..rollout.client import BackgroundLoop, SGLangClient
@@ -186,24 +259,25 @@ class WeightSync:
                 for url in self.engine_urls:
                     async def score(u: str = url):
                         async with SGLangClient(u, api_key=self.api_key, timeout_s=self.timeout_s) as client:
-                            return await client.score(self.probe.prompt_ids, self.probe.response_ids)
+                            return await client.score(probe.prompt_ids, probe.response_ids)
                     try:
                         theirs = loop.run(score()).token_logprobs
                     except Exception as exc:
                         error = (f"verify_sync: scoring the probe on student engine {url} failed: "
                                  f"{type(exc).__name__}: {exc}")
                         break
-                    diffs = [abs(a - b) for a, b in zip(theirs, ours)]
-                    max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)
+                    mean_diff, max_diff = probe_statistics(theirs, ours)
                     worst.append(max_diff)
                     means.append(mean_diff)
                     records.append({"step": step, "engine": url, "engine_logprobs": theirs, "trainer_logprobs": ours,
-                                    "max_abs_diff": max_diff, "prompt_ids": self.probe.prompt_ids,
-                                    "response_ids": self.probe.response_ids})
-                    if not max_diff <= self.tolerance:
+                                    "mean_abs_diff": mean_diff, "max_abs_diff": max_diff,
+                                    "tolerance": self.tolerance, "prompt_ids": probe.prompt_ids,
+                                    "response_ids": probe.response_ids})
+                    if not mean_diff <= self.tolerance:
                         error = (f"verify_sync: after the sync of step {step}, engine {url} scores the probe "
-                                 f"differently from the trainer: max |delta log p| = {max_diff:.3g} > tolerance "
-                                 f"{self.tolerance:.3g} (garbled weights? check the HF mapping / dtype)")
+                                 f"differently from the trainer: mean |delta log p| = {mean_diff:.3g} over "
+                                 f"{len(ours)} tokens > tolerance {self.tolerance:.3g} (max {max_diff:.3g}; "
+                                 f"garbled weights? check the HF mapping / dtype)")
                         break
             finally:
                 loop.close()
