@@ -1,7 +1,10 @@
 """The few monkeypatches megatron-core needs to run on a machine without CUDA (gloo, CPU tensors).
 
 Applied by :func:`apply_cpu_shims` only when ``torch.cuda.is_available()`` is False; on a GPU
-machine it does nothing (tested). No file of site-packages is edited. What is patched, and why
+machine it does nothing (tested). Before patching it runs
+:func:`scope_megatron.device_check.check_device`, which refuses a machine whose GPUs torch cannot
+use (unless ``SCOPE_DEVICE=cpu``): the shims never switch on silently on a GPU node. No file of
+site-packages is edited. What is patched, and why
 (megatron-core 0.19.x; re-check every item when upgrading, see setup.py's pinned range):
 
 1. ``torch.cuda.current_device()`` returns ``"cpu"``: megatron passes it as the ``device=``
@@ -109,6 +112,9 @@ def apply_cpu_shims() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    from .device_check import check_device
+
+    check_device()  # raises on a GPU node whose GPUs torch cannot use
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]

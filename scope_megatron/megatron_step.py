@@ -299,8 +299,9 @@ class PackedMicroBatch(MicroBatch):
         miss padding in the last slot only (TE v2.12 ``dot_product_attention.py:1328-1338``), which
         is every one-sequence row under context parallelism; megatron forwards the field to TE
         >= 2.2 (megatron-core 0.19 ``extensions/transformer_engine.py:1944-1945``). Without padding
-        the padded bounds are the same tensor object as the real ones, so a TE that compares the two
-        itself (by value or by identity) sees no padding either.
+        the padded bounds are the same tensor object as the real ones: TE 2.20 infers "no padding"
+        from that identity (``pytorch/attention/dot_product_attention/dot_product_attention.py:2709-2728``)
+        and keeps its padding-free kernels eligible.
         """
         from megatron.core.packed_seq_params import PackedSeqParams
 

@@ -139,8 +139,8 @@ class CheckpointReadError(RuntimeError):
 def is_extra_state_key(key: str) -> bool:
     """Whether a dist-checkpoint key holds a module's ``_extra_state`` (no weights in it).
 
-    Transformer Engine modules carry one (their FP8 metadata); megatron's own linear layers save
-    an empty one
+    Transformer Engine modules carry one (their quantization metadata: TE 2.20 ``pytorch/ops/op.py:632``,
+    ``pytorch/module/base.py:1354``); megatron's own linear layers save an empty one
     (megatron-core 0.19 ``tensor_parallel/layers.py:1229-1233``); torch norms have none.
     """
     return key.rsplit(".", 1)[-1] == "_extra_state"
