@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from .runtime_env import apply_runtime_env, log_runtime_env
+
 logger = logging.getLogger("scope_megatron.train")
 
 
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first: CUDA reads CUDA_DEVICE_MAX_CONNECTIONS when its context is created, NCCL its
+    # variables when the first communicator is
+    runtime_env = apply_runtime_env()
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError, load_config
     from .logs import setup_logging
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(logging, config.logging.level))
     text = config.to_yaml()
     rank = int(os.environ.get("RANK", "0"))
+    log_runtime_env(runtime_env, rank)
     if args.print_config:
         if rank == 0:
             print(text)
@@ -54,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(config, text)
     try:
         return trainer.run()
+    except ConfigError as exc:  # checks that need the world or the devices (e.g. embedded engine placement)
+        print(f"scope-megatron train: {exc}", file=sys.stderr, flush=True)
+        return 2
     except TrainingAborted as exc:
         logger.error("training aborted at step %d: %s", trainer.step if hasattr(trainer, "step") else 0, exc)
         print(f"scope-megatron train: ABORTED: {exc}", file=sys.stderr, flush=True)
@@ -67,5 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             pass
 
 
+def _exit(status: int) -> None:
+    """Exit with ``status`` without the interpreter's final garbage collection over every object
+    torch / transformers / megatron created (seconds on a loaded machine, inside a launcher's
+    SIGTERM grace): the objects are frozen out of it; atexit handlers still run."""
+    import gc
+
+    gc.freeze()
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # the guard matters: megatron's checkpoint writer spawns processes
-    sys.exit(main())
+    _exit(main())

@@ -16,14 +16,19 @@ One step:
 5. metrics; a checkpoint every K steps; HF exports at chosen steps.
 
 Stopping: SIGTERM / Ctrl-C set a flag that every rank checks (agreed by an all-reduce) at the
-next step boundary: checkpoint, engines stopped, exit 0. A failing engine or sync ends the run
-with :class:`TrainingAborted` (exit 1) and leaves the last checkpoint as it was.
+next step boundary, and so does a file ``RUN_DIR/STOP`` (rank 0 looks): checkpoint, engines
+stopped, exit 0. A signal that arrives while rank 0 generates rollouts (the longest phase)
+abandons the step at once: the in-flight requests are cancelled, the prompt sampler is rewound
+so a resumed run draws the same prompts, and the checkpoint is the last completed step's. During
+training and weight sync the step finishes first. A failing engine or sync ends the run with
+:class:`TrainingAborted` (exit 1) and leaves the last checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from datetime import timedelta
@@ -33,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import Config, check_world
+from ..config import Config, check_embedded_devices, check_world
 from .batching import StepData, build_step_data
 from .checkpointing import export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from .controller import EngineFailure, RolloutBatch, load_function
@@ -41,6 +46,9 @@ from .metrics import MetricsLogger, peak_tflops, training_flops
 from .weight_sync import Probe, SyncError, WeightSync, make_probe
 
 logger = logging.getLogger(__name__)
+
+STOP_FILE = "STOP"  # RUN_DIR/STOP: checkpoint and exit 0 at the next step boundary (removed when honoured)
+_POLL_S = 0.2       # how often rank 0 looks at the stop flag while rollouts are in flight
 
 
 class TrainingAborted(RuntimeError):
@@ -78,6 +86,8 @@ class Trainer:
         self.cfg = config
         self.config_yaml = config_yaml
         self.stop_signal: int | None = None
+        self.stop_reason: str | None = None  # what stopped the run (a signal's name, the STOP file)
+        self.abandoned_step: int | None = None  # a step whose rollouts were abandoned by a stop
         self.servers: list[Any] = []
         self.controller = None
         self.reward_pool = None
@@ -98,8 +108,9 @@ class Trainer:
             if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_signal = signum
-            logger.warning("received %s: stopping at the end of this step (checkpoint, engines stopped)",
-                           signal.Signals(signum).name)
+            self.stop_reason = signal.Signals(signum).name
+            logger.warning("received %s: stopping (rollouts in flight are abandoned, a step in training or "
+                           "sync finishes first; then checkpoint, engines stopped)", self.stop_reason)
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -112,9 +123,12 @@ class Trainer:
         from ..parallel import init_distributed, init_parallel
 
         cfg = self.cfg
-        init_distributed()
+        init_distributed(cfg.parallel.distributed_timeout_minutes)
         check_world(cfg, dist.get_world_size())
-        self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed, cp=cfg.parallel.cp)
+        check_embedded_devices(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed, cp=cfg.parallel.cp,
+                                    timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         self.rank = self.layout.rank
         self.is_controller = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -124,6 +138,10 @@ class Trainer:
         if self.is_controller:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            stale = self.run_dir / STOP_FILE
+            if stale.exists():  # left by a run that ended before honouring it: this run starts normally
+                logger.warning("removing %s left from an earlier run (create it again to stop this run)", stale)
+                stale.unlink(missing_ok=True)
         dist.barrier(group=self.control_group)
         if cfg.model.dtype == "auto":
             self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -282,14 +300,30 @@ class Trainer:
                 api_key=r.api_key, max_concurrency=r.max_concurrency, teacher_max_concurrency=t.max_concurrency,
                 request_timeout_s=r.request_timeout_s, max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
                 reward_function=load_function(cfg.algorithm.reward_function) if cfg.algorithm.reward_function else None,
-                teacher_topk=self.teacher_topk)
-            self.controller.wait_ready(timeout_s=600)
+                teacher_topk=self.teacher_topk, student_vocab_size=self.arch.vocab_size)
+            self.controller.wait_ready(timeout_s=600, recover_urls=() if cfg.embedded_student else worker_urls)
+            # before any rollout: seeds honoured (rollout.seeded), the teacher reads the student's token ids
+            from ..rollout.vocab import check_teacher_vocabulary
+
+            self.controller.check_student_servers(worker_urls, require_deterministic=r.require_deterministic)
+            check_teacher_vocabulary(self.tokenizer, student_name=str(cfg.model.student), tokenizer_dir=t.tokenizer,
+                                     model_dir=t.model or None, model_info=self.controller.teacher_model_info,
+                                     teacher_url=teacher_url)
+        from ..parallel import resolve_master_address
+
         s = cfg.sync
-        tolerance = s.verify_tolerance or (1e-3 if self.dtype == torch.float32 else 0.25)
+        master_address = s.master_address
+        if self.is_controller and s.transport == "distributed":
+            master_address = resolve_master_address(s.master_address, worker_urls)
+            logger.info("weight-update group: rank 0 binds %s (sync.master_address=%s)", master_address,
+                        s.master_address)
+        from .weight_sync import default_verify_tolerance
+
+        tolerance = s.verify_tolerance or default_verify_tolerance(self.dtype)
         self.weight_sync = WeightSync(
             model=self.model, ddp_model=self.ddp_model, arch=self.arch, control_group=self.control_group,
             engine_urls=worker_urls, transport=s.transport, bucket_bytes=int(s.bucket_mb * 2**20),
-            disk_dir=s.disk_dir or (self.run_dir / "weight_sync"), master_address=s.master_address,
+            disk_dir=s.disk_dir or (self.run_dir / "weight_sync"), master_address=master_address,
             flattened_bucket=s.flattened_bucket, timeout_s=s.timeout_s, verify=s.verify, tolerance=tolerance,
             probe=self.probe, api_key=cfg.rollout.api_key, log_path=self.run_dir / "sync_probe.jsonl",
             device=self.device)
@@ -314,6 +348,8 @@ class Trainer:
                     "--weight-version", version, "--log-level", "warning"]
             if device:
                 args += ["--device", device]
+            if self.cfg.rollout.seeded:  # sampling_seed is honoured only in deterministic mode
+                args.append("--enable-deterministic-inference")
             handle = start_embedded_server_process(model_dir, free_port(), extra_args=args,
                                                    log_path=engines_dir / f"{role}.log", ready_timeout=300)
             (engines_dir / f"{role}.pid").write_text(str(handle.process.pid))
@@ -349,34 +385,41 @@ class Trainer:
                 if self._stop_agreed():
                     break
                 self.step += 1
-                self._train_one_step(self.step)
+                if not self._train_one_step(self.step):  # rollouts abandoned: the model is the last step's
+                    self.step -= 1
+                    break
             if self.step > self.last_saved_step and (self.cfg.checkpoint.save_at_end or self.stop_signal is not None):
                 self._save(self.step)
             if self.stop_signal is not None:
-                logger.warning("stopped by %s after step %d; checkpoint saved", signal.Signals(self.stop_signal).name,
-                               self.step)
+                logger.warning("stopped by %s after step %d%s; checkpoint of step %d saved", self.stop_reason,
+                               self.step, f" (rollouts of step {self.abandoned_step} abandoned)"
+                               if self.abandoned_step is not None else "", self.step)
+                if self.is_controller and self.stop_reason == STOP_FILE:
+                    (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: a resumed run continues
             return 0
         finally:
             self.shutdown()
 
     def _stop_agreed(self) -> bool:
+        """Every rank's stop flag (and rank 0's RUN_DIR/STOP file), agreed at a step boundary."""
+        if self.is_controller and self.stop_signal is None and (self.run_dir / STOP_FILE).exists():
+            logger.warning("%s exists: stopping (checkpoint, engines stopped)", self.run_dir / STOP_FILE)
+            self.stop_signal, self.stop_reason = signal.SIGTERM, STOP_FILE
         flag = torch.tensor([1 if self.stop_signal is not None else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         if int(flag.item()) and self.stop_signal is None:
             self.stop_signal = signal.SIGTERM
+            self.stop_reason = "another rank's stop"
         return bool(flag.item())
 
-    def shutdown(self) -> None:
-        """Stop the engines and helpers of this rank (idempotent; also after errors)."""
+    def _release_engines(self) -> None:
+        """Close the weight sync and the controller, stop the embedded engines (idempotent)."""
         if self.weight_sync is not None:
             self.weight_sync.close()
             self.weight_sync = None
         if self.controller is not None:
             self.controller.close()
             self.controller = None
-        if self.reward_pool is not None:
-            self.reward_pool.close()
-            self.reward_pool = None
         if self._engine_futures:  # engines still starting when setup failed
             try:
                 self._wait_embedded()
@@ -385,12 +428,22 @@ class Trainer:
         if self._engine_pool is not None:
             self._engine_pool.shutdown(wait=False)
             self._engine_pool = None
+        for handle in self.servers:  # signal all first, so they exit concurrently
+            if getattr(handle, "process", None) is not None and handle.process.poll() is None:
+                handle.process.terminate()
         for handle in self.servers:
             try:
                 handle.stop()
             except Exception as exc:
                 logger.warning("stopping an engine failed: %s", exc)
         self.servers.clear()
+
+    def shutdown(self) -> None:
+        """Stop the engines and helpers of this rank (idempotent; also after errors)."""
+        self._release_engines()
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
         if self.loop is not None:
             self.loop.close()
             self.loop = None
@@ -399,24 +452,62 @@ class Trainer:
             self.metrics = None
 
     # ------------------------------------------------------------------ one step
-    def _rollouts(self, step: int) -> RolloutBatch:
+    def _rollouts(self, step: int) -> RolloutBatch | None:
+        """Rank 0 collects the step's batch and broadcasts it; None on every rank when a stop
+        abandoned the collection (the sampler is then back where the step started)."""
         payload: list[Any] = [None]
         if self.is_controller:
+            sampler_state = self.sampler.state_dict()
             records = [self.dataset[i] for i in self.sampler.next_indices(self.cfg.rollout.prompts_per_step)]
             try:
                 if self.supervised:
                     payload[0] = ("ok", self._supervised_batch(step, records))
                 else:
-                    payload[0] = ("ok", self.controller.collect(step, records))
-            except EngineFailure as exc:
-                payload[0] = ("error", str(exc))
-            except Exception as exc:  # anything else on rank 0 must not leave the others waiting
-                payload[0] = ("error", f"rollout failed at step {step}: {type(exc).__name__}: {exc}")
+                    batch = self._collect_unless_stopped(step, records)
+                    payload[0] = ("ok", batch) if batch is not None else ("stop", None)
+            except Exception as exc:  # anything on rank 0 must not leave the others waiting
+                if self.stop_signal is not None:  # e.g. the signal also reached the engines
+                    payload[0] = ("stop", None)
+                elif isinstance(exc, EngineFailure):
+                    payload[0] = ("error", str(exc))
+                else:
+                    payload[0] = ("error", f"rollout failed at step {step}: {type(exc).__name__}: {exc}")
+            if payload[0][0] == "stop":
+                self.sampler.load_state_dict(sampler_state)  # a resumed run draws these prompts again
+                logger.warning("step %d: rollouts abandoned (%s)", step, self.stop_reason)
+                # engines still busy with the cancelled requests would slow the checkpoint down
+                self._release_engines()
         dist.broadcast_object_list(payload, src=0, group=self.control_group)
         status, value = payload[0]
+        if status == "stop":
+            self.abandoned_step = step
+            if self.stop_signal is None:
+                self.stop_signal, self.stop_reason = signal.SIGTERM, "another rank's stop"
+            return None
         if status != "ok":
             raise TrainingAborted(value)
         return value
+
+    def _collect_unless_stopped(self, step: int, records: list[Any]) -> RolloutBatch | None:
+        """The controller's collection, cancelled (every in-flight request) as soon as a stop
+        signal arrives; None then."""
+        from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+
+        if self.stop_signal is not None:
+            return None
+        logger.info("step %d: collecting rollouts of %d prompts x %d", step, len(records), self.cfg.rollout.group_size)
+        future = self.controller.submit(step, records)
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                if self.stop_signal is not None:
+                    future.cancel()  # cancels the step's task group on the client loop: requests closed
+                    try:
+                        future.result(timeout=10)
+                    except (CancelledError, FutureTimeout, Exception):
+                        pass
+                    return None
 
     def _old_logprobs(self, data: StepData) -> torch.Tensor:
         """lp_old per token (stored in each micro-batch on the last stage) and per-trajectory means [N].
@@ -481,13 +572,16 @@ class Trainer:
 
         return loss_fn
 
-    def _train_one_step(self, step: int) -> None:
+    def _train_one_step(self, step: int) -> bool:
+        """One step on every rank; False when a stop abandoned its rollouts (nothing was trained)."""
         from ..megatron_step import train_step
         from ..objective import plan_batch
 
         cfg = self.cfg
         t_step = time.monotonic()
         batch = self._rollouts(step)
+        if batch is None:
+            return False
         if self.is_controller and cfg.logging.save_rollouts:
             self._save_rollouts(batch)
         metrics: dict[str, float] = dict(batch.timings)
@@ -512,7 +606,7 @@ class Trainer:
                                       f"(faults.max_empty_steps = {cfg.faults.max_empty_steps})")
             metrics.update({"train/skipped_empty_total": self.empty_steps_total, "time/step": time.monotonic() - t_step})
             self._finish_step(step, metrics)
-            return
+            return True
         self.empty_steps_in_a_row = 0
         metrics["data/filtered_empty_responses"] = data.dropped["empty_responses"]
         metrics["data/filtered_uniform_groups"] = data.dropped["uniform_groups"]
@@ -588,6 +682,7 @@ class Trainer:
         if self._eval_due(step):
             metrics.update(self._evaluate(step))
         self._finish_step(step, metrics)
+        return True
 
     def _save_rollouts(self, batch: RolloutBatch) -> None:
         """One JSON line per trajectory (every Trajectory field, plus ``correct``) to RUN_DIR/rollouts/step_N.jsonl."""
