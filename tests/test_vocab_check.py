@@ -17,7 +17,7 @@ import torch
 from scope_megatron.config import ConfigError
 from scope_megatron.objective.logprobs import topk_kl, vocab_parallel_topk_kl
 from scope_megatron.rollout.vocab import VocabularyMismatch, check_teacher_vocabulary, load_tokenizer
-from scope_megatron.tiny_models import CHARS, SPECIAL_TOKENS, make_tiny_tokenizer, tiny_hf_config
+from scope_megatron.tiny_models import CHARS, SPECIAL_TOKENS, make_tiny_tokenizer, save_tiny_hf_model, tiny_hf_config
 from scope_megatron.trainer.controller import mask_topk_row
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,3 +167,52 @@ def test_masked_entries_drop_out_of_the_topk_kl_exactly(direction, tail):
         ref.backward()
         torch.testing.assert_close(out.topk_kl[i], ref)
         torch.testing.assert_close(grad[i], row_logits.grad)
+
+
+def test_controller_masks_teacher_topk_ids_beyond_the_student_vocabulary(tmp_path):
+    """A teacher with a larger (padded) embedding returns top-k ids the student lacks; the
+    controller masks exactly those, keeps the others as the teacher sent them, and counts them."""
+    from scope_megatron.rollout.client import BackgroundLoop
+    from scope_megatron.rollout.data import PromptRecord
+    from scope_megatron.rollout.embedded_server import start_embedded_server
+    from scope_megatron.rollout.protocol import SamplingParams
+    from scope_megatron.tiny_models import tiny_vocab_size
+    from scope_megatron.trainer.controller import RolloutController
+
+    student_vocab, k = tiny_vocab_size(), 8
+    student_dir = save_tiny_hf_model(tmp_path / "student", seed=5)
+    teacher_dir = save_tiny_hf_model(tmp_path / "teacher", seed=6, vocab_size=student_vocab + 57)
+    tokenizer = make_tiny_tokenizer()
+    prompt = tokenizer("What is 1+1?", add_special_tokens=False)["input_ids"]
+    record = PromptRecord(index=0, record_id="r0", problem="What is 1+1?", answer="2", prompt_text="", prompt_ids=prompt)
+    loop = BackgroundLoop("test-topk-mask")
+    try:
+        with start_embedded_server(student_dir) as student, start_embedded_server(teacher_dir) as teacher:
+            controller = RolloutController(
+                student_url=student.url, teacher_url=teacher.url, group_size=2,
+                sampling=SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True), seed=1, seeded=False,
+                tokenizer=tokenizer, reward_pool=None, loop=loop, reward_function=lambda text, gold, trunc: 0.0,
+                teacher_topk=k, student_vocab_size=student_vocab)
+            received = {}  # response ids -> the top-k rows as the teacher's reply was parsed
+            score = controller.teacher.score
+
+            async def recording_score(prompt_ids, response_ids, top_logprobs_num=0):
+                result = await score(prompt_ids, response_ids, top_logprobs_num=top_logprobs_num)
+                received[tuple(response_ids)] = [list(row) for row in result.top_logprobs]
+                return result
+            controller.teacher.score = recording_score
+            batch = controller.collect(1, [record])
+            controller.close()
+    finally:
+        loop.close()
+    sent = [received[tuple(t.response_ids)] for t in batch.trajectories]
+    expected_masked = 0
+    for traj, rows in zip(batch.trajectories, sent):
+        assert len(traj.teacher_topk_ids) == len(rows) == len(traj.response_ids) > 0
+        for ids, lps, row in zip(traj.teacher_topk_ids, traj.teacher_topk_logprobs, rows):
+            assert all(0 <= i < student_vocab for i in ids) and len(set(ids)) == k
+            kept = {i: lp for i, lp in zip(ids, lps) if lp != float("-inf")}
+            assert kept == {i: lp for i, lp in row if i < student_vocab}
+            expected_masked += sum(i >= student_vocab for i, _ in row)
+    assert expected_masked > 0  # the teacher did send ids the student lacks
+    assert batch.timings["teacher/topk_masked"] == expected_masked
