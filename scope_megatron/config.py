@@ -163,8 +163,10 @@ class SyncConfig:
     flattened_bucket: bool = False
     master_address: str = "auto"         # rank 0's address as the engines see it; auto: resolved by rank 0
     verify: bool = True                  # score a probe on the engine after each sync and compare
-    verify_tolerance: Optional[float] = None   # max |lp_engine - lp_trainer|; None: 1e-3 fp32, 0.1 bf16
-    probe_tokens: int = 16
+    # largest allowed mean |lp_engine - lp_trainer| over the probe (the engine's greedy
+    # continuation of the first prompt); None: 1e-3 fp32, 0.1 bf16 (weight_sync.default_verify_tolerance)
+    verify_tolerance: Optional[float] = None
+    probe_tokens: int = 16               # length of the probe's greedy continuation
     timeout_s: float = 1800.0
 
 
