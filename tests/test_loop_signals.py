@@ -19,7 +19,7 @@ import pytest
 from scope_megatron.trainer.checkpointing import list_checkpoints
 from tests.loop_utils import REPO, asset_overrides, loop_env, read_metrics, train_cmd
 
-pytestmark = pytest.mark.timeout(900)  # three tiny runs, two of them concurrent, on a loaded machine
+pytestmark = pytest.mark.timeout(900)  # three tiny runs, two at a time, on a loaded machine
 
 GRACE_S = 20.0  # SIGTERM -> exit with the checkpoint written; torchrun allows 30 s
 # one engine request at a time (deterministic log-probs) and long enough answers that generation
@@ -51,6 +51,11 @@ class _Run:
             self.lines.append(line)
             if self._on_line is not None:
                 self._on_line(line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def wait(self, timeout: float) -> int:
         try:
@@ -84,34 +89,43 @@ def test_sigterm_during_rollouts_checkpoints_in_grace_and_resume_is_exact(assets
             sent["t"] = time.monotonic()
             interrupted.proc.send_signal(signal.SIGTERM)
 
-    reference = _Run([*asset_overrides(assets, full), *COMMON])
-    interrupted = _Run([*asset_overrides(assets, stopped), *COMMON], on_line=term_in_step_2_rollouts)
-    rc = interrupted.wait(timeout=600)
-    assert "t" in sent, f"rc={rc}\n{interrupted.stderr[-4000:]}"
-    elapsed = time.monotonic() - sent["t"]
-    assert rc == 0, interrupted.stderr[-4000:]
-    assert "step 2: rollouts abandoned (SIGTERM)" in interrupted.stderr, interrupted.stderr[-4000:]
-    assert elapsed < GRACE_S, f"{elapsed:.1f} s from SIGTERM to exit (grace {GRACE_S} s)"
-    # the checkpoint is the last completed step's, and nothing of step 2 was logged
-    assert [s for s, _ in list_checkpoints(stopped / "checkpoints")] == [1]
-    assert sorted(read_metrics(stopped)) == [1]
-    assert reference.wait(timeout=600) == 0, reference.stderr[-4000:]
+    runs: list[_Run] = []
+    try:
+        reference = _Run([*asset_overrides(assets, full), *COMMON])
+        runs.append(reference)
+        interrupted = _Run([*asset_overrides(assets, stopped), *COMMON], on_line=term_in_step_2_rollouts)
+        runs.append(interrupted)
+        rc = interrupted.wait(timeout=600)
+        assert "t" in sent, f"rc={rc}\n{interrupted.stderr[-4000:]}"
+        elapsed = time.monotonic() - sent["t"]
+        assert rc == 0, interrupted.stderr[-4000:]
+        assert "step 2: rollouts abandoned (SIGTERM)" in interrupted.stderr, interrupted.stderr[-4000:]
+        print(f"SIGTERM during rollouts -> exit with the checkpoint written: {elapsed:.1f} s")
+        assert elapsed < GRACE_S, f"{elapsed:.1f} s from SIGTERM to exit (grace {GRACE_S} s)"
+        # the checkpoint is the last completed step's, and nothing of step 2 was logged
+        assert [s for s, _ in list_checkpoints(stopped / "checkpoints")] == [1]
+        assert sorted(read_metrics(stopped)) == [1]
 
-    # resume; a STOP file of an earlier run is cleared at start, one created during step 2 stops
-    # the run at the end of step 2 (checkpoint, exit 0, the file removed)
-    (stopped / "STOP").write_text("")
+        # resume; a STOP file of an earlier run is cleared at start, one created during step 2 stops
+        # the run at the end of step 2 (checkpoint, exit 0, the file removed)
+        (stopped / "STOP").write_text("")
 
-    def stop_file_in_step_2(line: str) -> None:
-        if "step 2: collecting rollouts" in line:
-            (stopped / "STOP").write_text("")
+        def stop_file_in_step_2(line: str) -> None:
+            if "step 2: collecting rollouts" in line:
+                (stopped / "STOP").write_text("")
 
-    resumed = _Run([*asset_overrides(assets, stopped), *COMMON, "checkpoint.resume=latest"],
-                   on_line=stop_file_in_step_2)
-    assert resumed.wait(timeout=600) == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr and "left from an earlier run" in resumed.stderr
-    assert "STOP exists: stopping" in resumed.stderr, resumed.stderr[-4000:]
-    assert not (stopped / "STOP").exists()
-    assert [s for s, _ in list_checkpoints(stopped / "checkpoints")] == [1, 2]
+        resumed = _Run([*asset_overrides(assets, stopped), *COMMON, "checkpoint.resume=latest"],
+                       on_line=stop_file_in_step_2)
+        runs.append(resumed)
+        assert resumed.wait(timeout=600) == 0, resumed.stderr[-4000:]
+        assert reference.wait(timeout=600) == 0, reference.stderr[-4000:]
+        assert "resumed from" in resumed.stderr and "left from an earlier run" in resumed.stderr
+        assert "STOP exists: stopping" in resumed.stderr, resumed.stderr[-4000:]
+        assert not (stopped / "STOP").exists()
+        assert [s for s, _ in list_checkpoints(stopped / "checkpoints")] == [1, 2]
+    finally:  # no run outlives a failed assertion
+        for run in runs:
+            run.kill()
 
     a, b = read_metrics(full), read_metrics(stopped)
     assert sorted(a) == [1, 2, 3] and sorted(b) == [1, 2]
