@@ -52,8 +52,11 @@ def run_tool(name: str, body: Callable[[argparse.Namespace], dict], parser: argp
     """Parse args, run ``body``, print its result as one JSON line on rank 0; map input errors to exit 2."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from scope_megatron.device_check import probe_transformer_engine
+
     args = parser.parse_args(argv)
     setup_logging()
+    probe_transformer_engine()  # before any megatron-core import: a TE that does not import is hidden
     try:
         result = body(args)
     except INPUT_ERRORS as err:

@@ -21,6 +21,9 @@ cannot use. The environment variable ``SCOPE_DEVICE`` overrides it:
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
@@ -151,6 +154,7 @@ def check_device(environ: Mapping[str, str] | None = None, cuda_available: bool 
     ``cuda_available`` and ``evidence`` default to this process's (tests inject them).
     """
     environ = os.environ if environ is None else environ
+    probe_transformer_engine()  # before megatron-core is imported: a broken TE must not crash it
     requested = environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if requested not in CHOICES:
         raise ValueError(f"{ENV_VAR}={environ.get(ENV_VAR)!r}: must be one of {', '.join(CHOICES)}")
@@ -179,3 +183,67 @@ def check_device(environ: Mapping[str, str] | None = None, cuda_available: bool 
         f"NVIDIA driver: {found.driver_version or 'unknown (nvidia-smi and /proc/driver/nvidia/version unreadable)'}. "
         f"{_driver_advice(found.driver_version)}. To run on CPU anyway set {ENV_VAR}=cpu "
         f"(or CUDA_VISIBLE_DEVICES=).")
+
+
+# ------------------------------------------------------------------------------ Transformer Engine
+@dataclass(frozen=True)
+class TransformerEngineProbe:
+    """The outcome of importing Transformer Engine the way megatron-core does, once per process."""
+
+    installed: bool        # a transformer_engine package is on sys.path
+    version: str | None
+    error: str | None      # why an installed TE did not import (it is then hidden from megatron)
+
+
+_TE_PROBE: TransformerEngineProbe | None = None
+
+
+class _HiddenPackage(importlib.abc.MetaPathFinder):
+    """Makes ``import <name>`` raise ``ModuleNotFoundError``: megatron then takes its no-TE paths."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name, self.reason = name, reason
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ModuleNotFoundError(f"{fullname} is hidden: it failed to import ({self.reason})", name=fullname)
+        return None
+
+
+def probe_transformer_engine() -> TransformerEngineProbe:
+    """Import ``transformer_engine`` and ``transformer_engine.pytorch.fp8`` (what megatron's ``HAVE_TE``
+    needs, megatron-core 0.19 ``extensions/transformer_engine.py:69-85``) before megatron does.
+
+    An installed TE that fails to import (a wheel built for another torch or CUDA: an undefined
+    symbol, a missing cuDNN) would crash ``import megatron.core`` itself, because
+    ``tensor_parallel/random.py:84-91`` only catches ``ModuleNotFoundError``. Such a TE is reported
+    and hidden from the rest of the process (imports of it raise ``ModuleNotFoundError``), so
+    megatron runs without it; :func:`scope_megatron.model.builder.resolve_layer_impl` then falls back
+    or refuses with the recorded error. Call it before the first megatron-core import
+    (:func:`check_device` does); later calls return the first result.
+    """
+    global _TE_PROBE
+    if _TE_PROBE is not None:
+        return _TE_PROBE
+    import sys
+
+    installed = importlib.util.find_spec("transformer_engine") is not None
+    version = None
+    error = None
+    if installed:
+        try:
+            version = importlib.metadata.version("transformer_engine")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        try:
+            import transformer_engine  # noqa: F401
+            import transformer_engine.pytorch.fp8  # noqa: F401
+        except Exception as err:  # ImportError (undefined symbol), OSError / RuntimeError from its libraries
+            error = f"{type(err).__name__}: {err}"
+            for name in [m for m in sys.modules if m == "transformer_engine" or m.startswith("transformer_engine.")]:
+                del sys.modules[name]
+            sys.meta_path.insert(0, _HiddenPackage("transformer_engine", error))
+            logger.warning("Transformer Engine %sis installed but does not import (%s): hidden from megatron-core, "
+                           "which runs without it", f"{version} " if version else "", error)
+    _TE_PROBE = TransformerEngineProbe(installed, version, error)
+    return _TE_PROBE

@@ -7,14 +7,18 @@ llama3 scaling as GPTModel arguments, dropout 0, and the vocabulary padded to a 
 ``make_vocab_size_divisible_by x TP`` (padded columns are never part of a log-prob: see
 ``objective`` and the export path, which strips them).
 
-Layer spec: Transformer Engine when it is importable and CUDA is present; otherwise megatron's
-local layers with :class:`SDPAttention` as core attention.
+Layer spec: Transformer Engine when megatron-core can use it (its own ``HAVE_TE``) and CUDA is
+present; otherwise megatron's local layers with :class:`SDPAttention` as core attention. The
+block's final norm is chosen explicitly (TE's ``TENorm`` or torch's RMSNorm), not by megatron's
+import-time default, which is apex's LayerNorm-only ``FusedLayerNorm`` on a machine with apex but
+no TE (megatron-core 0.19 ``transformer/transformer_block.py:53-59, 250-254``,
+``fusions/fused_layer_norm.py:66-68``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,13 +38,77 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class TransformerEngineStatus:
+    """Whether megatron-core can use Transformer Engine here, and why not."""
+
+    usable: bool              # megatron-core's HAVE_TE
+    installed: bool           # a transformer_engine package is on sys.path
+    version: str | None
+    error: str | None         # the import error of an installed TE that megatron cannot use
+    megatron_broken: bool = False  # TE's import raised something megatron does not catch
+
+    def describe(self) -> str:
+        if self.usable:
+            return f"Transformer Engine {self.version or '(version unknown)'}"
+        if not self.installed:
+            return "Transformer Engine is not installed"
+        return f"Transformer Engine {self.version or ''} is installed but does not import: {self.error}".replace("  ", " ")
+
+
+def transformer_engine_status() -> TransformerEngineStatus:
+    """Whether megatron-core can use TE: its own ``HAVE_TE`` (``extensions/transformer_engine.py:69-85``:
+    ``import transformer_engine`` and ``transformer_engine.pytorch.fp8``), after
+    :func:`scope_megatron.device_check.probe_transformer_engine` recorded (and hid) a TE that does
+    not import. Deciding by ``find_spec`` instead would pick the TE spec for such a TE and crash on
+    ``TESpecProvider`` being None (``models/gpt/gpt_layer_specs.py:46-54, 233``)."""
+    from ..device_check import probe_transformer_engine
+
+    probe = probe_transformer_engine()
+    if probe.error is not None:
+        return TransformerEngineStatus(False, True, probe.version, probe.error)
+    try:
+        # through the layer specs, as every model build does: importing the extension module first
+        # is a circular import in megatron-core 0.19
+        from megatron.core.models.gpt import gpt_layer_specs  # noqa: F401
+        from megatron.core.extensions import transformer_engine as megatron_te
+    except Exception as err:  # megatron was imported before the probe could hide a broken TE
+        return TransformerEngineStatus(False, probe.installed, probe.version, f"{type(err).__name__}: {err}",
+                                       megatron_broken=True)
+    if megatron_te.HAVE_TE:
+        return TransformerEngineStatus(True, True, probe.version or getattr(megatron_te.te, "__version__", None), None)
+    return TransformerEngineStatus(False, probe.installed, probe.version,
+                                   "megatron-core's HAVE_TE is False" if probe.installed else None)
+
+
 def resolve_layer_impl(impl: LayerImpl = "auto") -> str:
-    """"te" when Transformer Engine is importable and CUDA present (for "auto"), else "local_sdpa"."""
+    """The layer implementation to build: "te" for "auto" when megatron can use TE and CUDA is present.
+
+    An installed TE that does not import makes "auto" fall back to "local_sdpa" with a warning that
+    quotes the import error, and "te" raise :class:`ValueError` with it.
+    """
+    status = transformer_engine_status()
+    if status.megatron_broken:
+        raise RuntimeError(f"importing Transformer Engine raised {status.error}; megatron-core imports it "
+                           f"unconditionally and cannot build any model in this environment: fix or "
+                           f"uninstall transformer_engine")
+    cuda = torch.cuda.is_available()
+    if impl == "te":
+        if not cuda:
+            raise ValueError("layer_impl='te' needs CUDA (torch.cuda.is_available() is False); "
+                             f"{status.describe()}")
+        if not status.usable:
+            raise ValueError(f"layer_impl='te' needs Transformer Engine: {status.describe()}")
+        logger.info("layer_impl te: %s", status.describe())
+        return "te"
     if impl != "auto":
-        if impl == "te" and not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
-            raise ValueError("layer_impl='te' needs CUDA and transformer_engine installed")
         return impl
-    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+    if status.installed and not status.usable:
+        logger.warning("!!! %s. layer_impl=auto falls back to megatron's local layers with SDPA attention "
+                       "(much slower on GPU: no fused kernels). Install a Transformer Engine built for this "
+                       "torch (see setup.py), or set layer_impl=local_sdpa to choose the fallback.", status.describe())
+    if cuda and status.usable:
+        logger.info("layer_impl auto -> te: %s", status.describe())
         return "te"
     return "local_sdpa"
 
@@ -58,6 +126,33 @@ def layer_spec(arch: ModelArch, impl: LayerImpl = "auto"):
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def final_norm_class(impl: str):
+    """The block's final norm for a resolved ``impl``: TE's ``TENorm`` (RMSNorm from the config) on
+    the TE path, else megatron's ``WrappedTorchNorm`` (torch's RMSNorm), whatever apex is present."""
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def block_spec(arch: ModelArch, config, impl: LayerImpl = "auto"):
+    """``TransformerBlockSubmodules`` for this pipeline stage: its layers and an explicit final norm.
+
+    The same as megatron's wrapping of a layer spec (``transformer/transformer_block.py:247-254``:
+    ``get_num_layers_to_build`` copies of the layer) with ``layer_norm`` chosen here instead of by
+    megatron's ``LayerNormImpl``.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    impl = resolve_layer_impl(impl)
+    layer = layer_spec(arch, impl)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=final_norm_class(impl))
 
 
 def transformer_config(arch: ModelArch, *, params_dtype: torch.dtype = torch.float32,
@@ -133,7 +228,7 @@ def build_gpt_model(arch: ModelArch, *, params_dtype: torch.dtype = torch.float3
     tp = ps.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, impl),
+        transformer_layer_spec=block_spec(arch, config, impl),
         vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
