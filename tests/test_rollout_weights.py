@@ -292,7 +292,7 @@ def test_recorded_group_of_a_dead_trainer_is_destroyed(dirs, engine_process, tmp
     finally:
         wt.close()
     assert "destroy_weights_update_group(weight_update_group_deadbeef): done" in done, done
-    assert "end_weight_update: done" in done and "continue_generation: done" in done
+    assert done[:2] == ["pause_generation: done", "end_weight_update: done"] and done[-1] == "continue_generation: done"
     assert "destroy_weights_update_group(weight_update_group): nothing to do" in done
     assert not record.exists()
     # the engine is back to a clean state: a new session opens, the name is free again
@@ -406,12 +406,9 @@ def test_disk_updates_open_no_session():
         with WeightTransfer([fake.url], transport="disk", disk_dir=Path(os.environ.get("TMPDIR", "/tmp")) /
                             f"disk-{os.getpid()}-{time.monotonic_ns()}") as wt:
             wt.update([("model.norm.weight", torch.ones(4))], weight_version=3)
-            after_recovery = calls[calls.index("/pause_generation"):]
             wt.update([("model.norm.weight", torch.ones(4))], weight_version=4)
             shutil.rmtree(wt.disk_dir, ignore_errors=True)
-    assert after_recovery == ["/pause_generation", "/update_weights_from_disk", "/continue_generation", "/model_info"]
-    assert calls.count("/begin_weight_update") == 0
-    assert calls.count("/end_weight_update") == 1  # only the recovery of a dead trainer's session, once
+    assert calls == ["/pause_generation", "/update_weights_from_disk", "/continue_generation", "/model_info"] * 2
 
 
 def test_pause_failure_on_one_engine_still_continues_the_others(dirs, engine_process, tmp_path):
@@ -421,7 +418,7 @@ def test_pause_failure_on_one_engine_still_continues_the_others(dirs, engine_pro
     calls: list[str] = []
     with FakeServer(recording_worker(calls, refuse={"/pause_generation": 500})) as fake:
         with WeightTransfer([engine_process.url, fake.url], transport="disk", disk_dir=tmp_path / "w") as wt:
-            with pytest.raises(SGLangError, match=rf"pause_generation on {fake.url} failed"):
+            with pytest.raises(SGLangError, match=rf"{fake.url}/?\S* .*refused pause_generation"):
                 wt.update(new_state(new).items(), weight_version=9)
     assert httpx.get(engine_process.url + "/ready").status_code == 200  # the engine that paused was continued
     assert score(engine_process.url)[1] != "9"

@@ -564,12 +564,15 @@ class SGLangClient:
         ``entrypoints/http_server.py:721-799``), hold an open weight-update session (a new
         ``begin_weight_update`` fails: ``managers/scheduler_components/weight_updater.py:311-316``)
         and keep its broadcast groups (a new group of the same name fails:
-        ``model_executor/model_runner_components/weight_updater.py:137-144``). In the order of a
-        normal update's teardown this calls ``end_weight_update`` (a 400 "no weight-update
+        ``model_executor/model_runner_components/weight_updater.py:137-144``). This calls
+        ``pause_generation(retract)`` first: on a server that is not paused,
+        ``end_weight_update`` takes the model writer lock and so would wait for every running
+        generation to finish (``managers/tokenizer_control_mixin.py:471-483``); then, in the
+        order of a normal update's teardown, ``end_weight_update`` (a 400 "no weight-update
         session is open" is the normal case), ``destroy_weights_update_group`` for each of
         ``group_names`` (400 "does not exist" is normal, ``weight_updater.py:146-157``) and
-        ``continue_generation`` (harmless on a running server). Never raises: returns what it
-        did or could not do, one line per call, for the log.
+        ``continue_generation`` (retracted requests resume). Never raises: returns what it did
+        or could not do, one line per call, for the log.
         """
         done: list[str] = []
 
@@ -583,6 +586,8 @@ class SGLangClient:
             except SGLangError as exc:
                 done.append(f"{what}: {exc}")
 
+        await attempt("pause_generation",
+                      self._control("/pause_generation", {"mode": "retract"}, timeout_s=timeout_s))
         await attempt("end_weight_update",
                       self._control("/end_weight_update", {}, tolerate_404=True, timeout_s=timeout_s),
                       benign=("no weight-update session", "no weight update session"))

@@ -14,8 +14,9 @@ Per update (``docs/research/sglang-api.md`` §2.9's recommended sequence)::
     disk:        pause_generation(retract) -> write safetensors buckets + index under a shared
                  path, POST update_weights_from_disk to every engine -> continue_generation
 
-Before the first update every engine is cleaned of what a dead trainer may have left (a pause,
-an open session, its group). The broadcast group is built as SGLang builds it
+Before its first group is formed every engine is cleaned of what a dead trainer may have left
+(a pause, an open session, its group); the disk transport needs no such step (it opens no
+session, and its own pause ends with a continue). The broadcast group is built as SGLang builds it
 (:mod:`.dist_group`): the trainer is rank 0, engine ``i`` joins at
 ``rank_offset = 1 + sum(tp of engines before i)`` (TP-only servers: ``/server_info`` is checked);
 the trainer's default ``torch.distributed`` group is never touched. Buckets hold at most ``bucket_bytes`` (a larger
@@ -152,7 +153,7 @@ class WeightTransfer:
     and uses ``update_weights_from_disk``. Call :meth:`update` each step, :meth:`close` at the end.
 
     Servers may outlive the trainer (and a killed trainer leaves them paused, with a session
-    open and its group alive): before its first update this object runs
+    open and its group alive): before its first group is formed this object runs
     :meth:`SGLangClient.recover_stale_update` on every engine (:meth:`recover`). Each connect
     creates a group of its own, ``f"{group_name}_{8 hex digits}"``, so neither a stale group on
     a server nor a torch group of this process that could not be torn down can collide with it
@@ -389,8 +390,6 @@ class WeightTransfer:
         version = str(weight_version)
         stats = WeightUpdateStats(weight_version=version)
         start = time.monotonic()
-        if not self._recovered:
-            self.recover()
         if self.transport == "distributed":
             self.connect()
         opened = [False] * len(self._clients)
