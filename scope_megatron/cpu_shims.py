@@ -20,6 +20,10 @@ site-packages is edited. What is patched, and why
    (dropout is 0 in our models; the CPU generator is used otherwise).
 5. ``Tensor.type()`` with no argument reports ``torch.cuda.*`` names for CPU float tensors:
    megatron's (distributed) optimizers and grad clipping dispatch on those strings.
+6. Activation recomputation saves and restores the CUDA generator's state around the recomputed
+   forward (``tensor_parallel/random.py:104-133, 135-170, 525-542``); there is none on CPU, so
+   ``_get_cuda_rng_state`` returns an empty state and ``_set_cuda_rng_state`` ignores it (the CPU
+   generator is saved and restored by the same code through ``torch.get_rng_state``).
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ def apply_cpu_shims() -> bool:
         return original_fork(self, name)
 
     mc_random.CudaRNGStatesTracker.fork = _fork  # type: ignore[assignment]
+    mc_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)  # type: ignore[assignment]
+    mc_random._set_cuda_rng_state = lambda *a, **k: None  # type: ignore[assignment]
 
     _APPLIED = True
     logger.info("CUDA not available: megatron-core CPU shims applied")

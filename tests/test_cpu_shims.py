@@ -22,6 +22,16 @@ out = {
 }
 if active:
     out["schedule_counter_device"] = str(schedules.torch.zeros([], dtype=torch.int, device="cuda").device)
+    # activation recomputation (megatron's CheckpointFunction) against the plain forward/backward
+    from megatron.core.tensor_parallel.random import checkpoint
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    f = lambda t: torch.nn.functional.silu(t @ w) @ w
+    f(x).square().sum().backward()
+    plain = w.grad.clone()
+    w.grad = None
+    checkpoint(f, False, x.requires_grad_(True)).square().sum().backward()
+    out["recompute_grad_equal"] = torch.equal(w.grad, plain)
 print(json.dumps(out))
 """
 
@@ -38,6 +48,7 @@ def test_shims_apply_on_cpu_without_touching_torch():
     assert out["active"] and out["torch_untouched"]
     assert out["current_device"] == "cpu"
     assert out["schedule_counter_device"] == "cpu"  # megatron's literal device="cuda" lands on CPU
+    assert out["recompute_grad_equal"]  # full recompute runs on CPU and gives the same gradient
 
 
 @pytest.mark.gpu
