@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from scope_megatron.packing import unpack
+from scope_megatron.rollout.types import Trajectory
 from scope_megatron.trainer.batching import build_step_data
-from scope_megatron.trainer.controller import Trajectory
 
 
 K = 3  # the teacher's top-k per response token

@@ -1,6 +1,6 @@
 """From the broadcast rollout batch to this data-parallel rank's micro-batches.
 
-Every rank receives the same :class:`~.controller.RolloutBatch` and computes the same global
+Every rank receives the same :class:`~scope_megatron.rollout.types.RolloutBatch` and computes the same global
 tensors (group ids, response lengths, correctness, teacher means: what ``plan_batch`` needs),
 then takes its own share of the trajectories, in one of two layouts:
 
@@ -38,7 +38,7 @@ import torch
 
 from ..megatron_step import MicroBatch
 from ..packing import build_packed_micro_batches, pad_sequences, plan_micro_batches, round_up
-from .controller import Trajectory
+from ..rollout.types import Trajectory
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ import logging
 import math
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..config import ConfigError
+from ..rollout.types import RolloutBatch, Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -58,44 +58,6 @@ def load_function(spec: str) -> Any:
 
 class EngineFailure(RuntimeError):
     """A student or teacher engine failed (after retries); the step cannot complete."""
-
-
-@dataclass
-class Trajectory:
-    """One sampled response with everything the trainer needs (plain lists: cheap to broadcast)."""
-
-    group: int                 # prompt position in this step's batch (0..B-1)
-    prompt_index: int          # dataset index of the prompt
-    sample: int                # 0..G-1
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]
-    teacher_logprobs: list[float]
-    reward: float
-    reward_status: str
-    finish: str                # stop | length | abort
-    weight_version: str | None = None
-    # teacher's top-k per response token (only with algorithm.topk_kl): [R][K] ids and log-probs
-    teacher_topk_ids: list[list[int]] = field(default_factory=list)
-    teacher_topk_logprobs: list[list[float]] = field(default_factory=list)
-
-    @property
-    def correct(self) -> bool:
-        return self.reward > 0.5
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish == "length"
-
-
-@dataclass
-class RolloutBatch:
-    """What rank 0 broadcasts to every rank each step."""
-
-    step: int
-    trajectories: list[Trajectory]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and counters: step metrics
-    weight_versions: list[str] = field(default_factory=list)
 
 
 class ServerSetupError(ConfigError):
@@ -331,8 +293,7 @@ class RolloutController:
         }
         if self.teacher_topk:  # a counter, merged into the step's metrics with the timings
             timings["teacher/topk_masked"] = float(masked[0])
-        versions = sorted({t.weight_version for t in trajectories if t.weight_version is not None})
-        return RolloutBatch(step=step, trajectories=trajectories, timings=timings, weight_versions=versions)
+        return RolloutBatch(step=step, trajectories=trajectories, timings=timings)
 
 
 def _first_leaf(eg: BaseExceptionGroup) -> BaseException:

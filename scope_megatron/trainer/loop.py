@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, check_embedded_devices, check_world
+from ..rollout.types import RolloutBatch, Trajectory
 from .batching import StepData, build_step_data
 from .checkpointing import export_hf, load_checkpoint, resolve_resume, save_checkpoint
-from .controller import EngineFailure, RolloutBatch, load_function
+from .controller import EngineFailure, load_function
 from .metrics import MetricsLogger, peak_tflops, training_flops
 from .weight_sync import Probe, SyncError, WeightSync, make_probe
 
@@ -246,8 +247,6 @@ class Trainer:
 
     def _supervised_batch(self, step: int, records: list[Any]) -> RolloutBatch:
         """sft / kd: each record's solution (+ eos) is the response; reward 1 (the MLE path)."""
-        from .controller import Trajectory
-
         t0 = time.monotonic()
         eos = self.tokenizer.eos_token_id
         key = self.cfg.data.solution_key
