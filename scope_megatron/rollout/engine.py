@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .protocol import GREEDY_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS, ProtocolError
+from .protocol import GREEDY_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS, ProtocolError, flattened_bucket_layout
 
 logger = logging.getLogger(__name__)
 
@@ -984,27 +984,3 @@ def _iter_safetensors_dir(path: str | Path) -> Iterator[tuple[str, torch.Tensor]
     for f in files:
         yield from load_file(str(f)).items()
 
-
-def flattened_bucket_layout(names: list[str], dtypes: list[Any], shapes: list[list[int]]
-                            ) -> list[tuple[str, torch.dtype, torch.Size, int, int]]:
-    """(name, dtype, shape, byte offset, byte size) of each tensor in a ``flattened_bucket`` buffer.
-
-    Exactly SGLang 0.5.23's ``FlattenedTensorBucket.empty`` (srt/weight_sync/tensor_bucket.py:86-113):
-    tensors are packed back to back with no padding; a tensor whose offset is not a multiple of
-    its item size, a negative dimension, lists of different lengths or an empty bucket raise
-    ``ValueError``."""
-    layout = []
-    offset = 0
-    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-        shape = torch.Size(shape)
-        if any(dim < 0 for dim in shape):
-            raise ValueError(f"Negative dimension in received tensor {name}: {shape}")
-        if offset % dtype.itemsize:
-            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
-        size = shape.numel() * dtype.itemsize
-        layout.append((name, dtype, shape, offset, size))
-        offset += size
-    if not layout:
-        raise ValueError("Cannot create empty tensor bucket")
-    return layout

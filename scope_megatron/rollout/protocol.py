@@ -304,3 +304,46 @@ class FinishReason:
 def dtype_name(dtype: Any) -> str:
     """A torch dtype as SGLang resolves it with ``getattr(torch, s)``: ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+class UnalignedBucketError(ValueError):
+    """A ``flattened_bucket`` tensor would start at a byte offset that is not a multiple of its item size.
+
+    The message is SGLang's own (``Unaligned received tensor ...``); ``index``, ``name``,
+    ``offset`` and ``itemsize`` let the sender explain the refusal in its own terms.
+    """
+
+    def __init__(self, index: int, name: str, offset: int, dtype: Any):
+        super().__init__(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+        self.index, self.name, self.offset, self.itemsize = index, name, offset, dtype.itemsize
+
+
+def flattened_bucket_layout(names: Sequence[str], dtypes: Sequence[Any], shapes: Sequence[Sequence[int]]
+                            ) -> list[tuple[str, Any, Any, int, int]]:
+    """(name, torch dtype, torch.Size, byte offset, byte size) of each tensor in one ``flattened_bucket``.
+
+    The one layout both sides use: the trainer packs its uint8 buffer with it
+    (:func:`..weight_transfer.flatten_bucket`) and the embedded engine unpacks with it. It is
+    SGLang 0.5.23's ``FlattenedTensorBucket.empty`` (``srt/weight_sync/tensor_bucket.py:86-113``):
+    tensors back to back with no padding; a tensor whose offset is not a multiple of its item
+    size raises :class:`UnalignedBucketError` (``:98-101``), a negative dimension, lists of
+    different lengths or an empty bucket raise ``ValueError``. ``dtypes`` are torch dtypes or
+    their names (``"bfloat16"``).
+    """
+    import torch
+
+    layout = []
+    offset = 0
+    for index, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes, strict=True)):
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        shape = torch.Size(shape)
+        if any(dim < 0 for dim in shape):
+            raise ValueError(f"Negative dimension in received tensor {name}: {shape}")
+        if offset % dtype.itemsize:
+            raise UnalignedBucketError(index, name, offset, dtype)
+        size = shape.numel() * dtype.itemsize
+        layout.append((name, dtype, shape, offset, size))
+        offset += size
+    if not layout:
+        raise ValueError("Cannot create empty tensor bucket")
+    return layout

@@ -42,7 +42,7 @@ import torch
 
 from .client import BackgroundLoop, SGLangClient, SGLangError
 from .dist_group import DEFAULT_GROUP_NAME, destroy_weight_update_group, init_weight_update_group, tcp_init_method
-from .protocol import dtype_name
+from .protocol import UnalignedBucketError, dtype_name, flattened_bucket_layout
 
 logger = logging.getLogger(__name__)
 
@@ -96,27 +96,27 @@ def _with_last_flag(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
 
 
 def flatten_bucket(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One uint8 buffer with the tensors' bytes back to back (SGLang's ``flattened_bucket`` layout).
+    """One uint8 buffer with the tensors' bytes back to back, at the offsets of
+    :func:`.protocol.flattened_bucket_layout` (the layout the receiver unpacks).
 
-    SGLang 0.5.23 lays the received buffer out without padding and refuses a tensor whose byte
-    offset is not a multiple of its item size (``srt/weight_sync/tensor_bucket.py:98-101``,
+    SGLang 0.5.23 does not pad the received buffer and refuses a tensor whose byte offset is not
+    a multiple of its item size (``srt/weight_sync/tensor_bucket.py:98-101``,
     ``ValueError("Unaligned received tensor ...")``), which the trainer would only see as a
     hanging broadcast; such a bucket is refused here, before anything is sent.
     """
-    offsets, pos = [], 0
-    for i, t in enumerate(tensors):
-        item = t.element_size()
-        if pos % item:
-            raise ValueError(f"flattened_bucket: tensor {i} ({t.dtype}, {list(t.shape)}) would start at byte {pos}, "
-                             f"not a multiple of its item size {item}; SGLang does not pad the flattened layout. "
-                             f"Send one dtype per update (or sort the bucket by item size, largest first), or set "
-                             f"sync.flattened_bucket=false")
-        offsets.append(pos)
-        pos += t.numel() * item
-    buffer = torch.empty(pos, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
-    for t, off in zip(tensors, offsets):
-        flat = t.contiguous().view(-1).view(torch.uint8)
-        buffer[off:off + flat.numel()].copy_(flat)
+    try:
+        layout = flattened_bucket_layout([str(i) for i in range(len(tensors))], [t.dtype for t in tensors],
+                                         [t.shape for t in tensors])
+    except UnalignedBucketError as exc:
+        t = tensors[exc.index]
+        raise ValueError(f"flattened_bucket: tensor {exc.index} ({t.dtype}, {list(t.shape)}) would start at byte "
+                         f"{exc.offset}, not a multiple of its item size {exc.itemsize}; SGLang does not pad the "
+                         f"flattened layout. Send one dtype per update (or sort the bucket by item size, largest "
+                         f"first), or set sync.flattened_bucket=false") from None
+    _, _, _, last_offset, last_size = layout[-1]
+    buffer = torch.empty(last_offset + last_size, dtype=torch.uint8, device=tensors[0].device)
+    for t, (_, _, _, off, size) in zip(tensors, layout):
+        buffer[off:off + size].copy_(t.contiguous().view(-1).view(torch.uint8))
     return buffer
 
 
@@ -502,34 +502,26 @@ class WeightTransfer:
 
     def _send_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str,
                    stats: WeightUpdateStats) -> None:
-        from safetensors.torch import save_file
+        """Write the weights as an HF safetensors directory (shards of at most ``bucket_bytes``, the
+        index past one shard) and have every engine load it. SGLang 0.5.23 globs ``*.safetensors``
+        and filters by ``model.safetensors.index.json`` only when it exists
+        (``srt/model_loader/loader.py:547-574``, ``weight_utils.py:757-775``)."""
+        from ..model.hf_io import SafetensorsShardWriter
 
         assert self.disk_dir is not None
         out = self.disk_dir / f"weight_v{version}"
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        weight_map: dict[str, str] = {}
-        buckets = list(iter_buckets(named_tensors, self.bucket_bytes))
-        if not buckets:
-            raise ValueError("update(): no tensors to send")
-        for i, bucket in enumerate(buckets):
-            fname = f"model-{i + 1:05d}-of-{len(buckets):05d}.safetensors"
-            seen: set[int] = set()
-            payload = {}
+        writer = SafetensorsShardWriter(out, max_shard_bytes=self.bucket_bytes)
+        for bucket in iter_buckets(named_tensors, self.bucket_bytes):  # refuses a name sent twice
             for name, t in bucket:
-                t = t.detach().to("cpu").contiguous()
-                if t.data_ptr() in seen:
-                    t = t.clone()
-                seen.add(t.data_ptr())
-                payload[name] = t
-                weight_map[name] = fname
+                writer.add(name, t)
                 stats.num_tensors += 1
-                stats.num_bytes += t.numel() * t.element_size()
-            save_file(payload, str(out / fname), metadata={"format": "pt"})
-            stats.num_buckets += 1
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": stats.num_bytes}, "weight_map": weight_map}, indent=1))
+        if not stats.num_tensors:
+            raise ValueError("update(): no tensors to send")
+        stats.num_buckets = len(writer.close())
+        stats.num_bytes = writer.total_bytes
         self._all("update_weights_from_disk", str(out), weight_version=version, load_format="safetensors",
                   timeout_s=self.request_timeout_s)
         self._written.append(out)
