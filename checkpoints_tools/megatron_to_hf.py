@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -23,12 +22,9 @@ logger = logging.getLogger("checkpoints_tools.megatron_to_hf")
 
 
 def export(args: argparse.Namespace) -> dict:
-    import torch.distributed as dist
-
     from scope_megatron.model import checkpoint
     from scope_megatron.model.arch import check_parallel_layout
     from scope_megatron.model.builder import DTYPES
-    from scope_megatron.model.hf_io import SafetensorsShardWriter, export_hf_tensors
     from scope_megatron.parallel import init_parallel
 
     start = time.time()
@@ -39,16 +35,8 @@ def export(args: argparse.Namespace) -> dict:
     init_parallel(args.tp, args.pp)
     model = build_for_conversion(arch, DTYPES[meta["dtype"]])
     checkpoint.load_model(model, args.ckpt)
-    files: list[str] = []
-    with checkpoint.atomic_output_dir(args.out) as tmp:
-        writer = SafetensorsShardWriter(tmp, int(args.max_shard_gb * 1024**3)) if dist.get_rank() == 0 else None
-        for name, tensor in export_hf_tensors(model, arch):
-            if writer is not None:
-                writer.add(name, tensor)
-        if writer is not None:
-            files = writer.close()
-            for src in (Path(args.ckpt) / checkpoint.HF_SUBDIR).iterdir():
-                shutil.copy2(src, tmp / src.name)
+    files = checkpoint.export_hf_dir(model, arch, args.out, Path(args.ckpt) / checkpoint.HF_SUBDIR,
+                                     max_shard_bytes=int(args.max_shard_gb * 1024**3))
     return {"out": str(Path(args.out).resolve()), "files": files, "seconds": round(time.time() - start, 2)}
 
 

@@ -117,6 +117,32 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelArch, dict[str, Any]]:
     return arch_from_hf_config(hf_config), meta
 
 
+def export_hf_dir(model: torch.nn.Module, arch: ModelArch, out_dir: str | Path, side_dir: str | Path | None,
+                  max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> list[str]:
+    """Write ``model``'s weights as an HF directory, atomically; returns the safetensors file names.
+
+    Every rank gathers (:func:`.hf_io.export_hf_tensors`); rank 0 writes the shards (at most
+    ``max_shard_bytes`` each, an index past one) and copies the :data:`HF_SIDE_FILES` found in
+    ``side_dir`` (config, tokenizer). Other ranks return an empty list.
+    """
+    from .hf_io import SafetensorsShardWriter, export_hf_tensors
+
+    files: list[str] = []
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = SafetensorsShardWriter(tmp, max_shard_bytes) if _rank() == 0 else None
+        for name, tensor in export_hf_tensors(model, arch):
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is not None:
+            files = writer.close()
+            if side_dir is not None:
+                for name in HF_SIDE_FILES:
+                    src = Path(side_dir) / name
+                    if src.is_file():
+                        shutil.copy2(src, tmp / name)
+    return files
+
+
 def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Save this rank's model chunk into ``ckpt_dir/model`` (a collective over all ranks)."""
     from megatron.core import dist_checkpointing

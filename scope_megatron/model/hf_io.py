@@ -200,7 +200,10 @@ class SafetensorsShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if any(t.data_ptr() == tensor.data_ptr() for t in self._pending.values()):
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory in one file
+        self._pending[name] = tensor
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 

@@ -266,22 +266,8 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: Any,
 
 def export_hf(model: torch.nn.Module, arch: Any, out_dir: str | Path, hf_side_dir: str | Path | None) -> Path:
     """Write the current weights as an HF directory (safetensors + config/tokenizer), atomically."""
-    from ..model.hf_io import SafetensorsShardWriter, export_hf_tensors
-
-    out_dir = Path(out_dir)
-    with model_ckpt.atomic_output_dir(out_dir, overwrite=True) as tmp:
-        writer = SafetensorsShardWriter(tmp) if _rank() == 0 else None
-        for name, tensor in export_hf_tensors(model, arch):
-            if writer is not None:
-                writer.add(name, tensor)
-        if writer is not None:
-            writer.close()
-            if hf_side_dir is not None:
-                for name in model_ckpt.HF_SIDE_FILES:
-                    src = Path(hf_side_dir) / name
-                    if src.is_file():
-                        shutil.copy2(src, tmp / name)
-    return out_dir
+    model_ckpt.export_hf_dir(model, arch, out_dir, hf_side_dir, overwrite=True)
+    return Path(out_dir)
 
 
 def checkpoint_is_loadable(path: str | Path) -> bool:
