@@ -97,7 +97,8 @@ def _summary(times: list[float], tokens: int, fpt: float) -> dict:
 
 
 def bench_megatron(cfg: dict, args, dtype: torch.dtype) -> dict:
-    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model, resolve_layer_impl
     from scope_megatron.objective import vocab_parallel_logprobs

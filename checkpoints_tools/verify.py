@@ -39,7 +39,8 @@ def verify(args: argparse.Namespace) -> dict:
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
-    from scope_megatron.megatron_step import MicroBatch, run_forward
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import run_forward
     from scope_megatron.model import checkpoint
     from scope_megatron.model.arch import check_parallel_layout
     from scope_megatron.model.builder import DTYPES, build_gpt_model, resolve_layer_impl

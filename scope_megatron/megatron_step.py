@@ -13,40 +13,25 @@ normalisation (``calculate_per_token_loss=True``) so the gradient is exactly tha
 Under context parallelism the sums (and ``num_loss_tokens``) also run over the CP ranks, each of
 which holds its part of every packed sequence.
 
-Micro-batches are either padded rows (:class:`MicroBatch`, [b, s]) or packed rows
-(:class:`PackedMicroBatch`, [1, T] with ``cu_seqlens``: see :mod:`scope_megatron.packing`);
-:func:`forward_micro_batch` runs either kind, and both may be mixed in one call.
+Micro-batches are either padded rows (:class:`~scope_megatron.batch.MicroBatch`, [b, s]) or packed
+rows (:class:`~scope_megatron.batch.PackedMicroBatch`, [1, T] with ``cu_seqlens``: see
+:mod:`scope_megatron.packing`); :func:`forward_micro_batch` runs either kind, and both may be mixed in
+one call.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from .batch import MicroBatch, PackedMicroBatch
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch: token ids [b, s], and whatever the loss needs (same leading dims)."""
-
-    tokens: torch.Tensor  # [b, s] int64
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    num_loss_tokens: int = 0  # tokens that carry a loss term (for megatron's token counter)
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        b, s = self.tokens.shape
-        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
-
-    def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                          self.num_loss_tokens)
 
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -201,149 +186,8 @@ def wrap_for_training(model: torch.nn.Module, *, lr: float, weight_decay: float 
 
 
 # ------------------------------------------------------------------------------------------------
-# Packed (THD) micro-batches: several sequences concatenated in one row, attention kept per sequence
+# One micro-batch through one model chunk: padded rows, or a packed (THD) row
 # ------------------------------------------------------------------------------------------------
-
-PACKED_ATTENTION_MODES = ("auto", "thd", "mask")
-
-
-@dataclass
-class PackedMicroBatch(MicroBatch):
-    """Sequences packed into one row: ``tokens`` [1, T]; per-token extras [1, T]; per-sequence extras [n].
-
-    Sequence i occupies the slot ``cu_seqlens_padded[i] : cu_seqlens_padded[i + 1]`` of the row;
-    its real tokens are the first ``cu_seqlens[i + 1] - cu_seqlens[i]`` of the slot, the rest of the
-    slot is padding (no loss). Without padding both tensors are equal. (These are the meanings of
-    megatron's / Transformer Engine's ``cu_seqlens_q`` and ``cu_seqlens_q_padded``.)
-
-    ``attention`` picks how attention is kept inside each sequence (see :func:`forward_micro_batch`):
-    ``"thd"`` passes megatron a ``PackedSeqParams`` (Transformer Engine, or :class:`SDPAttention`),
-    ``"mask"`` passes a block-diagonal causal mask [1, 1, T, T] (any core attention that honours an
-    explicit mask: megatron's unfused ``DotProductAttention`` or SDPA; O(T^2) memory), ``"auto"``
-    chooses from the model's core-attention class.
-
-    Context parallelism (``cp_size > 1``, from :func:`scope_megatron.packing.shard_for_context_parallel`):
-    this rank holds chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of every slot cut in
-    ``2 * cp_size`` equal chunks (megatron's load-balanced layout), so ``tokens`` is [1, T / cp_size]
-    while ``cu_seqlens`` / ``cu_seqlens_padded`` still describe the whole row, as megatron expects.
-    """
-
-    cu_seqlens: torch.Tensor | None = None         # [n + 1] int32, cumulative real lengths
-    cu_seqlens_padded: torch.Tensor | None = None  # [n + 1] int32, cumulative slot lengths (None: no padding)
-    attention: str = "auto"
-    cp_size: int = 1
-    cp_rank: int = 0
-
-    def __post_init__(self) -> None:
-        if self.tokens.dim() != 2 or self.tokens.shape[0] != 1:
-            raise ValueError(f"packed tokens must be [1, T], got {tuple(self.tokens.shape)}")
-        if self.cu_seqlens is None:
-            raise ValueError("a PackedMicroBatch needs cu_seqlens")
-        if self.attention not in PACKED_ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {PACKED_ATTENTION_MODES}, got {self.attention!r}")
-        slots = self.slot_bounds
-        total = self.tokens.shape[1] * self.cp_size
-        if int(slots[0]) != 0 or int(slots[-1]) != total or bool((slots[1:] <= slots[:-1]).any()):
-            raise ValueError(f"slot boundaries {slots.tolist()} must rise strictly from 0 to T = {total}")
-        if self.cp_size > 1 and bool(((slots[1:] - slots[:-1]) % (2 * self.cp_size)).any()):
-            raise ValueError(f"with context parallelism every slot must be a multiple of 2 * cp = {2 * self.cp_size}")
-        if not 0 <= self.cp_rank < self.cp_size:
-            raise ValueError(f"cp_rank {self.cp_rank} outside cp_size {self.cp_size}")
-        if bool((self.seq_lengths > slots[1:] - slots[:-1]).any()) or bool((self.seq_lengths < 1).any()):
-            raise ValueError("every sequence needs 1 <= length <= its slot")
-
-    @property
-    def slot_bounds(self) -> torch.Tensor:
-        return self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded
-
-    @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    @property
-    def seq_lengths(self) -> torch.Tensor:
-        """[n] real lengths."""
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-
-    @property
-    def slot_lengths(self) -> torch.Tensor:
-        bounds = self.slot_bounds
-        return (bounds[1:] - bounds[:-1]).long()
-
-    @property
-    def max_seqlen(self) -> int:
-        return int(self.slot_lengths.max())
-
-    def local_index(self) -> torch.Tensor:
-        """[T / cp_size] positions in the whole packed row of this rank's tokens (arange without CP)."""
-        return context_parallel_index(self.slot_bounds, self.cp_size, self.cp_rank).to(self.tokens.device)
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        """[1, T] positions restarting at 0 in every slot (RoPE itself uses cu_seqlens / the mask)."""
-        lengths = self.slot_lengths.to(self.tokens.device)
-        starts = self.slot_bounds[:-1].to(self.tokens.device).long()
-        index = self.local_index()
-        return (index - torch.repeat_interleave(starts, lengths)[index]).unsqueeze(0)
-
-    @property
-    def pad_between_seqs(self) -> bool:
-        """Whether any slot holds padding after its sequence, the last slot included."""
-        return self.cu_seqlens_padded is not None and bool((self.cu_seqlens != self.cu_seqlens_padded).any())
-
-    def packed_seq_params(self, cp_group=None):
-        """megatron's ``PackedSeqParams`` (THD) for this row.
-
-        ``pad_between_seqs`` is set explicitly (computed on the CPU tensors, no device sync): TE
-        releases that infer it compare ``cu_seqlens_q_padded[:-1]`` with ``cu_seqlens_q[:-1]`` and so
-        miss padding in the last slot only (TE v2.12 ``dot_product_attention.py:1328-1338``), which
-        is every one-sequence row under context parallelism; megatron forwards the field to TE
-        >= 2.2 (megatron-core 0.19 ``extensions/transformer_engine.py:1944-1945``). Without padding
-        the padded bounds are the same tensor object as the real ones: TE 2.20 infers "no padding"
-        from that identity (``pytorch/attention/dot_product_attention/dot_product_attention.py:2709-2728``)
-        and keeps its padding-free kernels eligible.
-        """
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        device = self.tokens.device
-        pad = self.pad_between_seqs
-        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
-        cu_padded = self.slot_bounds.to(device=device, dtype=torch.int32) if pad else cu
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                               cu_seqlens_kv_padded=cu_padded, max_seqlen_q=self.max_seqlen,
-                               max_seqlen_kv=self.max_seqlen, cp_group=cp_group, pad_between_seqs=pad)
-
-    def block_causal_mask(self) -> torch.Tensor:
-        """[1, 1, T, T] bool, True = masked (megatron's convention): causal inside each slot only."""
-        if self.cp_size > 1:
-            raise NotImplementedError("the block-diagonal mask path does not support context parallelism")
-        slot = torch.repeat_interleave(torch.arange(self.num_sequences, device=self.tokens.device),
-                                       self.slot_lengths.to(self.tokens.device))
-        index = torch.arange(slot.numel(), device=self.tokens.device)
-        allowed = (slot[:, None] == slot[None, :]) & (index[None, :] <= index[:, None])
-        return (~allowed)[None, None]
-
-    def to(self, device: torch.device | str) -> "PackedMicroBatch":
-        return PackedMicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                                self.num_loss_tokens, self.cu_seqlens, self.cu_seqlens_padded, self.attention,
-                                self.cp_size, self.cp_rank)
-
-
-def context_parallel_index(slot_bounds: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Row positions held by CP rank ``cp_rank``: chunks r and 2cp-1-r of each slot cut in 2cp chunks.
-
-    ``slot_bounds`` [n + 1] are the (padded) cumulative slot lengths of the whole row, each slot a
-    multiple of ``2 * cp_size``. Returns int64 [T / cp_size] in this rank's token order.
-    """
-    bounds = [int(b) for b in slot_bounds.tolist()]
-    if cp_size == 1:
-        return torch.arange(bounds[-1])
-    pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        chunk = (end - start) // (2 * cp_size)
-        for j in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + j * chunk, start + (j + 1) * chunk))
-    return torch.cat(pieces)
 
 
 def packed_attention_mode(chunk: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ Three steps, all deterministic (every rank computes the same plan from the same 
    the same number of micro-batches -- megatron's schedule and the gradient all-reduce need that --
    so a rank with less work gets *filler* micro-batches (below).
 3. :func:`pack_sequences` concatenates one micro-batch's sequences into a single row
-   (:class:`~scope_megatron.megatron_step.PackedMicroBatch`: tokens [1, T], per-token extras
+   (:class:`~scope_megatron.batch.PackedMicroBatch`: tokens [1, T], per-token extras
    [1, T], ``cu_seqlens``), and :func:`unpack` cuts any per-token output ([1, T, ...] or [T, ...])
    back into per-sequence tensors.
 
@@ -51,7 +51,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .megatron_step import MicroBatch, PackedMicroBatch, context_parallel_index
+from .batch import MicroBatch, PackedMicroBatch, context_parallel_index
 
 logger = logging.getLogger(__name__)
 _oversize_warned = False  # the oversize warning is logged once per process (every step would repeat it)

@@ -67,7 +67,8 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
     import torch
     from tqdm import tqdm
 
-    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs

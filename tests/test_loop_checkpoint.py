@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _batch(vocab: int, seed: int):
-    from scope_megatron.megatron_step import MicroBatch
+    from scope_megatron.batch import MicroBatch
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (2, 9), generator=gen)

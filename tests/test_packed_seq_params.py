@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scope_megatron.megatron_step import PackedMicroBatch
+from scope_megatron.batch import PackedMicroBatch
 
 
 def _row(cu: list[int], cu_padded: list[int] | None, cp_size: int = 1) -> PackedMicroBatch:

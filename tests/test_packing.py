@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from scope_megatron.megatron_step import PackedMicroBatch
+from scope_megatron.batch import PackedMicroBatch
 from scope_megatron.packing import (build_packed_micro_batches, pack_sequences, pad_sequences, partition_balanced,
                                     plan_micro_batches, unpack)
 

@@ -52,7 +52,8 @@ def _run(arch, ckpt, impl, micro_batches, total, logprobs: bool = False):
     """Build and load the model; optionally a forward-only pass (per-sequence log-probs); then one train step."""
     from functools import partial
 
-    from scope_megatron.megatron_step import PackedMicroBatch, run_forward, train_step, wrap_for_training
+    from scope_megatron.batch import PackedMicroBatch
+    from scope_megatron.megatron_step import run_forward, train_step, wrap_for_training
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs

@@ -32,7 +32,8 @@ def _parity_worker(rank: int, world: int, cases: dict, resave_root: str) -> dict
 
     from safetensors.torch import load_file
 
-    from scope_megatron.megatron_step import MicroBatch, run_forward
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import run_forward
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.model.hf_io import export_hf_tensors

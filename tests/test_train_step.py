@@ -51,7 +51,8 @@ def _nll_share(logits: torch.Tensor, mb, vocab: int, total_tokens: int):
 def _train_worker(rank: int, world: int, ckpt: str) -> dict:
     from functools import partial
 
-    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.model.hf_io import export_hf_tensors
@@ -134,7 +135,8 @@ def test_one_step_matches_single_process_reference(layout, step_results):
 
 
 def _schedule_worker(rank: int, world: int) -> list[float]:
-    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs

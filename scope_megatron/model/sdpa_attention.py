@@ -138,7 +138,7 @@ class SDPAttention(DotProductAttention):
 
     def _forward_packed_cp(self, query, key, value, packed_seq_params, cp_group):
         """THD under context parallelism: local queries [T/cp, np, hn] against the gathered keys of their sequence."""
-        from ..megatron_step import context_parallel_index
+        from ..batch import context_parallel_index
 
         bounds = packed_seq_params.cu_seqlens_q_padded
         if bounds is None:

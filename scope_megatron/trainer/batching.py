@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..megatron_step import MicroBatch
+from ..batch import MicroBatch
 from ..packing import build_packed_micro_batches, pad_sequences, plan_micro_batches, round_up
 from ..rollout.types import Trajectory
 

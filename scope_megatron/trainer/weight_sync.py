@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..megatron_step import MicroBatch, run_forward
+from ..batch import MicroBatch
+from ..megatron_step import run_forward
 
 logger = logging.getLogger(__name__)
 
