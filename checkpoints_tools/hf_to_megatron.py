@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from scope_megatron.model.arch import arch_from_hf_config, check_parallel_layout, load_hf_config
-from scope_megatron.model.builder import DTYPES
+from scope_megatron.model.builder import DTYPES, resolve_dtype
 
 from ._cli import add_layout_args, build_for_conversion, run_tool
 
@@ -37,7 +37,7 @@ def convert(args: argparse.Namespace) -> dict:
         raise checkpoint.OutputExistsError(f"output directory {args.out} already exists; choose another --out")
     reader = HFWeightReader(args.hf, arch)
     reader.check_complete()
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else reader.dtype()
+    dtype = resolve_dtype(args.dtype, auto=reader.dtype() if args.dtype == "auto" else None)  # reads one tensor
     init_parallel(args.tp, args.pp)
     logger.info("converting %s (%s, %.1fM params, %s) at TP=%d PP=%d", args.hf, arch.model_type,
                 arch.num_parameters / 1e6, dtype, args.tp, args.pp)

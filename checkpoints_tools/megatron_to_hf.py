@@ -24,7 +24,7 @@ logger = logging.getLogger("checkpoints_tools.megatron_to_hf")
 def export(args: argparse.Namespace) -> dict:
     from scope_megatron.model import checkpoint
     from scope_megatron.model.arch import check_parallel_layout
-    from scope_megatron.model.builder import DTYPES
+    from scope_megatron.model.builder import resolve_dtype
     from scope_megatron.parallel import init_parallel
 
     start = time.time()
@@ -33,7 +33,7 @@ def export(args: argparse.Namespace) -> dict:
     if Path(args.out).exists():
         raise checkpoint.OutputExistsError(f"output directory {args.out} already exists; choose another --out")
     init_parallel(args.tp, args.pp)
-    model = build_for_conversion(arch, DTYPES[meta["dtype"]])
+    model = build_for_conversion(arch, resolve_dtype(meta["dtype"]))
     checkpoint.load_model(model, args.ckpt)
     files = checkpoint.export_hf_dir(model, arch, args.out, Path(args.ckpt) / checkpoint.HF_SUBDIR,
                                      max_shard_bytes=int(args.max_shard_gb * 1024**3))

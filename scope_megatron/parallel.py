@@ -48,6 +48,14 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
+def local_device(cuda: bool | None = None) -> torch.device:
+    """This process's device: the current CUDA device (set from LOCAL_RANK by :func:`init_distributed`)
+    when ``cuda`` (default: whether CUDA is available), else the CPU."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (for rendezvous, engines, weight-update groups)."""
     with socket.socket() as s:

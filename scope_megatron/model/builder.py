@@ -30,6 +30,28 @@ logger = logging.getLogger(__name__)
 
 LayerImpl = Literal["auto", "te", "local", "local_sdpa"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"float": torch.float32, "half": torch.float16}
+
+
+def resolve_dtype(name: str, cuda: bool | None = None, auto: torch.dtype | str | None = None) -> torch.dtype:
+    """The torch dtype a ``dtype`` setting names (``float32``/``float``, ``bfloat16``, ``float16``/``half``).
+
+    ``"auto"`` is ``auto`` when given (a checkpoint's or HF config's dtype, a dtype or its name),
+    otherwise bf16 on CUDA and fp32 on CPU (``cuda`` defaults to ``torch.cuda.is_available()``).
+    Any other name raises ``ValueError``.
+    """
+    if name == "auto":
+        if isinstance(auto, str):
+            auto = getattr(torch, auto, None)
+        if isinstance(auto, torch.dtype):
+            return auto
+        if cuda is None:
+            cuda = torch.cuda.is_available()
+        return torch.bfloat16 if cuda else torch.float32
+    dtype = DTYPES.get(name) or _DTYPE_ALIASES.get(name)
+    if dtype is None:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return dtype
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

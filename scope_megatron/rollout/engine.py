@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..model.builder import resolve_dtype
 from .protocol import GREEDY_TEMPERATURE, DEFAULT_MAX_NEW_TOKENS, ProtocolError, flattened_bucket_layout
 
 logger = logging.getLogger(__name__)
@@ -116,22 +117,6 @@ class GenRequest:
     text_offset_checked: int = 0
 
 
-def _resolve_dtype(name: str, config_dtype: Any) -> torch.dtype:
-    if name == "auto":
-        if isinstance(config_dtype, torch.dtype):
-            return config_dtype
-        if isinstance(config_dtype, str) and hasattr(torch, config_dtype):
-            return getattr(torch, config_dtype)
-        return torch.float32
-    if name in ("float", "float32"):
-        return torch.float32
-    if name in ("half", "float16"):
-        return torch.float16
-    if name == "bfloat16":
-        return torch.bfloat16
-    raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-
-
 def compute_weight_version_spans(events: list[tuple[str, int]], current: str, num_output: int) -> list[dict[str, Any]]:
     """Spans ``{"version", "start", "end"}`` (end exclusive) over output-token indices.
 
@@ -158,7 +143,8 @@ class EmbeddedEngine:
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         hf_config = AutoConfig.from_pretrained(config.model_path)
-        self.dtype = _resolve_dtype(config.dtype, getattr(hf_config, "dtype", None))
+        # "auto": the HF config's dtype; fp32 when it names none, whatever the device
+        self.dtype = resolve_dtype(config.dtype, cuda=False, auto=getattr(hf_config, "dtype", None))
         logger.info("loading %s on %s as %s", config.model_path, self.device, self.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype,
                                                           attn_implementation=config.attn_implementation)

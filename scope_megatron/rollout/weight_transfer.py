@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..parallel import local_device
 from .client import BackgroundLoop, SGLangClient, SGLangError
 from .dist_group import DEFAULT_GROUP_NAME, destroy_weight_update_group, init_weight_update_group, tcp_init_method
 from .protocol import UnalignedBucketError, dtype_name, flattened_bucket_layout
@@ -218,7 +219,7 @@ class WeightTransfer:
     @property
     def device(self) -> torch.device:
         """Where tensors must be for the broadcast backend."""
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return local_device(cuda=self.backend == "nccl")
 
     # ------------------------------------------------------------------ recovery and the group
     def _recorded_group(self) -> str | None:
