@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..rollout.client import BackgroundLoop, GenerationResult, SGLangClient, SGLangError
+from ..rollout.client import BackgroundLoop, GenerationResult, SGLangClient, SGLangError, first_leaf
 from ..rollout.data import PAPER_FORMAT, PromptFormat, format_prompt
 from ..rollout.protocol import ProtocolError, SamplingParams
 from ..rollout.rewards import STATUSES, MathRewardPool, RewardResult, last_boxed_content
@@ -457,10 +457,7 @@ async def run_evaluation_async(client: SGLangClient, benchmarks: Sequence[Benchm
                 for b, i, p in todo:
                     tg.create_task(one(b, i, p))
     except BaseExceptionGroup as eg:
-        first: BaseException = eg
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        raise first_leaf(eg) from None
     finally:
         bar.close()
         if store is not None:

@@ -646,6 +646,27 @@ class SGLangClient:
                            fresh_connection=True)
 
 
+def first_leaf(eg: BaseExceptionGroup, prefer: type[BaseException] | tuple[type[BaseException], ...] = ()
+               ) -> BaseException:
+    """The exception to report from a (nested) ``TaskGroup`` failure: the first non-group leaf in
+    depth-first order, or the first leaf that is an instance of ``prefer`` when there is one."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    if prefer:
+        for leaf in leaves:
+            if isinstance(leaf, prefer):
+                return leaf
+    return leaves[0]
+
+
 class BackgroundLoop:
     """An asyncio loop in a daemon thread, for synchronous trainer code to drive async clients.
 

@@ -162,21 +162,14 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     trajectories; a budget forms packed ones (``oversize``: what to do with a trajectory longer
     than the budget, see :mod:`scope_megatron.packing`). ``cp_size > 1`` needs a budget.
     ``teacher_topk > 0`` adds the per-token extras ``teacher_topk_ids`` / ``teacher_topk_lp``
-    ([..., teacher_topk]) from each trajectory's teacher top-k rows.
+    ([..., teacher_topk]) from each trajectory's teacher top-k rows, whose shape
+    (``R`` rows of ``teacher_topk``) the rollout controller checked when they arrived.
     """
     if cp_size > 1 and max_tokens_per_microbatch is None:
         raise ValueError("context parallelism needs packed micro-batches: set max_tokens_per_microbatch")
     kept, dropped = filter_trajectories(trajectories, filter_uniform_groups)
     if not kept:
         return None
-    if teacher_topk:
-        for t in kept:
-            r = len(t.response_ids)
-            if len(t.teacher_topk_ids) != r or len(t.teacher_topk_logprobs) != r or any(
-                    len(a) != teacher_topk or len(b) != teacher_topk
-                    for a, b in zip(t.teacher_topk_ids, t.teacher_topk_logprobs)):
-                raise ValueError(f"trajectory (prompt {t.prompt_index}, sample {t.sample}): the teacher's top-k "
-                                 f"must have {r} rows of {teacher_topk} ids and log-probs")
     group_map: dict[int, int] = {}
     group_ids = torch.tensor([group_map.setdefault(t.group, len(group_map)) for t in kept], dtype=torch.long)
     lengths = [len(t.response_ids) for t in kept]

@@ -40,6 +40,7 @@ from concurrent.futures import Future
 from typing import Any, Sequence
 
 from ..config import ConfigError
+from ..rollout.client import first_leaf
 from ..rollout.types import RolloutBatch, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,13 @@ class RolloutController:
             marks["teacher_end"] = max(marks["teacher_end"], time.monotonic())
             ids: list[list[int]] = []
             logprobs: list[list[float]] = []
-            for j, row in enumerate(scored.top_logprobs or []):
+            rows = scored.top_logprobs or []
+            # the one check of the top-k rows' shape: the batching trusts what comes from here
+            if self.teacher_topk and len(rows) != len(result.output_ids):
+                raise EngineFailure(f"teacher engine {self.teacher_url} (step {step}): the teacher's top-k must have "
+                                    f"{len(result.output_ids)} rows of {self.teacher_topk} ids and log-probs, "
+                                    f"got {len(rows)} rows")
+            for j, row in enumerate(rows):
                 if len(row) != self.teacher_topk or any(not math.isfinite(lp) or lp > 1e-4 for _, lp in row):
                     raise EngineFailure(f"teacher engine {self.teacher_url} returned a malformed top-{self.teacher_topk} "
                                         f"row for response token {j} (step {step}): {row[:4]}...")
@@ -279,7 +286,7 @@ class RolloutController:
             async with asyncio.TaskGroup() as tg:
                 group_tasks = [tg.create_task(group(tg, gi, rec)) for gi, rec in enumerate(records)]
         except BaseExceptionGroup as eg:
-            first = _first_leaf(eg)
+            first = first_leaf(eg, prefer=EngineFailure)
             raise first from None
         trajectories = [t for task in group_tasks for t in task.result()]
         end = time.monotonic()
@@ -295,20 +302,3 @@ class RolloutController:
             timings["teacher/topk_masked"] = float(masked[0])
         return RolloutBatch(step=step, trajectories=trajectories, timings=timings)
 
-
-def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
-    """The first non-group exception (EngineFailure preferred) of a (nested) exception group."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(eg)
-    for leaf in leaves:
-        if isinstance(leaf, EngineFailure):
-            return leaf
-    return leaves[0]
