@@ -118,7 +118,12 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def sample_seed(seed: int, benchmark: str, problem_id: str) -> int:
-    """Base sampling seed of one problem (sample i uses base + i)."""
+    """Base sampling seed of one problem (sample i uses base + i, through ``generate_group``).
+
+    Keyed by benchmark and problem id, not by position, so a resumed or reordered run draws the
+    same samples for a problem (the training controller keys by step and prompt instead:
+    :func:`..trainer.controller.sampling_seed`); crc32, unlike ``hash()``, is stable across processes.
+    """
     return zlib.crc32(f"{seed}/{benchmark}/{problem_id}".encode()) & 0x3FFFFFFF
 
 

@@ -421,7 +421,9 @@ class SGLangClient:
     async def generate_group(self, input_ids: Sequence[int], group_size: int, sampling: SamplingParams,
                              return_logprob: bool = True, top_logprobs_num: int = 0) -> list[GenerationResult]:
         """``group_size`` samples of one prompt, sent as duplicated prompts (SGLang's advice over
-        ``n``), concurrently so a router can spread them. A ``sampling_seed`` becomes seed + i."""
+        ``n``), concurrently so a router can spread them. A ``sampling_seed`` becomes seed + i: the
+        caller gives the group one seed, and the samples must differ (``n`` samples under one seed
+        are identical under deterministic inference)."""
         samples = []
         for i in range(group_size):
             s = sampling if sampling.sampling_seed is None else sampling.replace(sampling_seed=sampling.sampling_seed + i)

@@ -90,7 +90,12 @@ def mask_topk_row(ids: list[int], logprobs: list[float], vocab_size: int) -> int
 
 
 def sampling_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
-    """A 48-bit seed from (run seed, step, prompt, sample): reproducible across restarts."""
+    """A 48-bit seed from (run seed, step, prompt, sample): reproducible across restarts.
+
+    Training samples are sent one request each (so teacher scoring overlaps generation) and
+    hashed from their whole key, so no two steps or prompts share seeds; the eval runner instead
+    seeds by problem id, ``base + i`` per sample (:func:`..evaluation.runner.sample_seed`).
+    """
     digest = hashlib.blake2b(f"{seed}/{step}/{prompt_index}/{sample}".encode(), digest_size=6).digest()
     return int.from_bytes(digest, "little")
 
