@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, check_embedded_devices, check_world
+from ..rollout.rewards import STATUSES
 from ..rollout.types import RolloutBatch, Trajectory
 from .batching import StepData, build_step_data
 from .checkpointing import export_hf, load_checkpoint, resolve_resume, save_checkpoint
@@ -119,9 +120,9 @@ class Trainer:
     def setup(self) -> None:
         from ..model import checkpoint as model_ckpt
         from ..model.arch import arch_from_hf_config, load_hf_config
-        from ..model.builder import build_gpt_model
+        from ..model.builder import build_gpt_model, resolve_dtype
         from ..megatron_step import wrap_for_training
-        from ..parallel import init_distributed, init_parallel
+        from ..parallel import init_distributed, init_parallel, local_device
 
         cfg = self.cfg
         init_distributed(cfg.parallel.distributed_timeout_minutes)
@@ -132,7 +133,7 @@ class Trainer:
                                     timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         self.rank = self.layout.rank
         self.is_controller = self.rank == 0
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = local_device()
         # rank 0 may spend many minutes generating while the others wait: a gloo group with a long timeout
         self.control_group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
         self.run_dir = Path(cfg.run_dir)
@@ -144,10 +145,7 @@ class Trainer:
                 logger.warning("removing %s left from an earlier run (create it again to stop this run)", stale)
                 stale.unlink(missing_ok=True)
         dist.barrier(group=self.control_group)
-        if cfg.model.dtype == "auto":
-            self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        else:
-            self.dtype = getattr(torch, cfg.model.dtype)
+        self.dtype = resolve_dtype(cfg.model.dtype)  # auto: bf16 on CUDA, fp32 on CPU
         self.supervised = cfg.supervised
         if self.is_controller and cfg.embedded_teacher and not self.supervised:
             # the teacher engine loads while the student is built (it needs nothing from the trainer)
@@ -766,7 +764,7 @@ class Trainer:
             "rollout/trajectories": len(trajs),
             "rollout/stale_fraction": sum(t.weight_version != str(self.engine_version) for t in trajs) / n,
         }
-        for status in ("correct", "wrong", "no_answer", "truncated", "parse_error", "timeout", "error", "crash"):
+        for status in STATUSES:
             metrics[f"reward/status_{status}"] = sum(t.reward_status == status for t in trajs) / n
         gen = batch.timings.get("time/generate", 0.0)
         metrics["perf/rollout_tokens_per_s"] = sum(lengths) / max(gen, 1e-9)
