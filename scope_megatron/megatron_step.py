@@ -30,16 +30,13 @@ import torch
 import torch.distributed as dist
 
 from .batch import MicroBatch, PackedMicroBatch
+from .parallel import local_device
 
 logger = logging.getLogger(__name__)
 
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 OutputFn = Callable[[torch.Tensor, MicroBatch], Any]
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _as_list(model) -> list[torch.nn.Module]:
@@ -69,7 +66,7 @@ def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | No
     Without ``output_fn`` the raw vocab-parallel logits [b, s, V_padded / TP] are returned.
     Other stages return an empty list.
     """
-    device = _device()
+    device = local_device()
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator).to(device)
@@ -98,7 +95,7 @@ class StepResult:
 def _global_loss_tokens(micro_batches: list[MicroBatch]) -> int:
     from megatron.core import parallel_state as ps
 
-    total = torch.tensor([sum(mb.num_loss_tokens for mb in micro_batches)], dtype=torch.int64, device=_device())
+    total = torch.tensor([sum(mb.num_loss_tokens for mb in micro_batches)], dtype=torch.int64, device=local_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return int(total.item())
 
@@ -113,7 +110,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     from megatron.core import parallel_state as ps
 
     chunks = _as_list(model)
-    device = _device()
+    device = local_device()
     global_tokens = _global_loss_tokens(micro_batches)
     scale = float(max(global_tokens, 1))
 
