@@ -43,12 +43,12 @@ def verify(args: argparse.Namespace) -> dict:
     from scope_megatron.megatron_step import run_forward
     from scope_megatron.model import checkpoint
     from scope_megatron.model.arch import check_parallel_layout
-    from scope_megatron.model.builder import DTYPES, build_gpt_model, resolve_layer_impl
+    from scope_megatron.model.builder import build_gpt_model, resolve_dtype, resolve_layer_impl
     from scope_megatron.parallel import init_parallel
 
     arch, meta = checkpoint.read_meta(args.ckpt)
     check_parallel_layout(arch, args.tp, args.pp)
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     layout = init_parallel(args.tp, args.pp)
     impl = resolve_layer_impl(args.impl)
     model = build_gpt_model(arch, params_dtype=dtype, impl=impl, perform_initialization=False)
