@@ -22,6 +22,7 @@ one call.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -100,12 +101,49 @@ def _global_loss_tokens(micro_batches: list[MicroBatch]) -> int:
     return int(total.item())
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], loss_fn: LossFn) -> StepResult:
+def _optimizer_step(optimizer, skip_nonfinite: bool) -> tuple[bool, float]:
+    """Clip and step megatron's optimizer; return ``(update_successful, grad_norm before clipping)``.
+
+    With ``skip_nonfinite`` the global grad norm is computed once, before anything touches the
+    weights, and a NaN/inf norm skips the update (weights, Adam moments and step count untouched;
+    the gradients are dropped at the next step's zero_grad). The steps are megatron-core 0.19's
+    ``ChainedOptimizer.step`` (optimizer/optimizer.py:1855-1938) with the check in between:
+    ``prepare_grads`` -> ``get_grad_norm`` -> clip by that norm -> ``step_with_ready_grads``.
+    Separate grad-norm groups (MTP) and precision-aware (decoupled) grads need megatron's own
+    clipping; for those ``optimizer.step()`` runs after the check (a second grad copy and norm).
+    """
+    if not skip_nonfinite:
+        update_successful, grad_norm, _ = optimizer.step()
+        return bool(update_successful), float(grad_norm) if grad_norm is not None else 0.0
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.optimizer import SEPARATE_GRAD_NORM_GROUPS
+
+    found_inf = optimizer.prepare_grads()  # copies model grads to main grads; True only under loss scaling
+    grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    config = optimizer.config
+    if config.use_precision_aware_optimizer or any(optimizer.has_grad_norm_group(g) for g in SEPARATE_GRAD_NORM_GROUPS):
+        update_successful, _, _ = optimizer.step()
+        return bool(update_successful), grad_norm
+    if config.clip_grad > 0.0:
+        parameters = optimizer.get_parameters()  # the main (fp32) params across chained optimizers
+        if parameters:
+            clip_grad_by_total_norm_fp32(parameters, max_norm=config.clip_grad, total_norm=grad_norm)
+    if grad_norm > config.grad_norm_skip_threshold:  # megatron's own skip rule (inf unless configured)
+        return False, grad_norm
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
+               skip_nonfinite: bool = True) -> StepResult:
     """One forward/backward over ``micro_batches`` (this DP rank's share) and one optimizer step.
 
     ``model`` is the DDP-wrapped chunk (or list of chunks), ``optimizer`` and ``scheduler`` come
     from :func:`wrap_for_training`; see the module docstring for the loss contract. Returns the
-    summed loss and the reports, reduced over micro-batches and DP ranks.
+    summed loss and the reports, reduced over micro-batches and DP ranks. With ``skip_nonfinite``
+    a NaN/inf global grad norm skips the update and the LR schedule step
+    (``update_successful=False``): a bad batch never reaches the weights or the optimizer state.
     """
     from megatron.core import parallel_state as ps
 
@@ -129,7 +167,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     optimizer.zero_grad()
     reports = _run_schedule(chunks, forward_step, micro_batches, forward_only=False)
     learning_rate = optimizer.param_groups[0]["lr"]
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm = _optimizer_step(optimizer, skip_nonfinite)
     if update_successful:
         scheduler.step(1)
 
@@ -145,7 +183,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
     dist.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
     summed = dict(zip(keys, values.tolist()))
-    return StepResult(loss=summed.pop("loss", 0.0), grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+    return StepResult(loss=summed.pop("loss", 0.0), grad_norm=grad_norm,
                       learning_rate=float(learning_rate), update_successful=bool(update_successful), num_loss_tokens=global_tokens, report=summed)
 
 

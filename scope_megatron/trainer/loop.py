@@ -10,8 +10,8 @@ One step:
    and all-reduces the per-trajectory means;
 3. ``plan_batch`` (routing, Eq. 4/5 weights, global denominators) and ``train_step`` with
    ``objective_loss`` per micro-batch (megatron's forward_backward_func, DDP, distributed
-   optimizer, clipping, LR schedule); a step whose gradient norm is NaN/inf is skipped and
-   counted (:class:`GuardedOptimizer`), and too many abort the run;
+   optimizer, clipping, LR schedule); a step whose gradient norm is NaN/inf is skipped inside
+   ``train_step`` and counted here, and too many abort the run;
 4. weight sync to the student engines (``weight_version = step``) with the probe check;
 5. metrics; a checkpoint every K steps; HF exports at chosen steps.
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import Config, check_embedded_devices, check_world
+from ..config import Config, ConfigError, check_embedded_devices, check_world
 from ..rollout.rewards import STATUSES
 from ..rollout.types import RolloutBatch, Trajectory
 from .batching import StepData, build_step_data
@@ -55,32 +55,6 @@ _POLL_S = 0.2       # how often rank 0 looks at the stop flag while rollouts are
 
 class TrainingAborted(RuntimeError):
     """The run cannot continue (engine failure, failed sync, too many bad steps)."""
-
-
-class GuardedOptimizer:
-    """Wraps megatron's optimizer: computes the global grad norm first and skips the update
-    (``update_successful=False``) when it is NaN/inf, so a bad batch never reaches the weights.
-    Everything else is delegated."""
-
-    def __init__(self, optimizer: Any):
-        self._optimizer = optimizer
-        self.last_skipped = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
-
-    @property
-    def param_groups(self):
-        return self._optimizer.param_groups
-
-    def step(self):
-        self.last_skipped = False
-        found_inf = self._optimizer.prepare_grads()  # idempotent for fp32 / bf16 (no loss scaling)
-        norm = None if found_inf else self._optimizer.get_grad_norm()
-        if found_inf or norm is None or not math.isfinite(float(norm)):
-            self.last_skipped = True
-            return False, float("nan") if norm is None else norm, None
-        return self._optimizer.step()
 
 
 class Trainer:
@@ -162,8 +136,8 @@ class Trainer:
             self.hf_side_dir = student
             from_hf = True
         else:
-            raise FileNotFoundError(f"model.student={cfg.model.student!r} is neither a converted checkpoint "
-                                    "(scope_megatron.json) nor an HF directory (config.json)")
+            raise ConfigError("model.student", f"{cfg.model.student!r} is neither a converted checkpoint "
+                              "(scope_megatron.json) nor an HF directory (config.json)")
         self.model = build_gpt_model(self.arch, params_dtype=self.dtype, impl=cfg.model.layer_impl,
                                      perform_initialization=False, recompute=cfg.model.recompute)
         if from_hf:
@@ -176,11 +150,10 @@ class Trainer:
             model_ckpt.load_model(self.model, student)
         o = cfg.optimizer
         updates = cfg.steps * cfg.algorithm.updates_per_batch
-        self.ddp_model, optimizer, self.scheduler = wrap_for_training(
+        self.ddp_model, self.optimizer, self.scheduler = wrap_for_training(
             self.model, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style, lr_decay_steps=updates, min_lr=o.min_lr)
-        self.optimizer = GuardedOptimizer(optimizer)
         self.objective = cfg.objective_config()
         # the teacher's top-k per response token, for the top-k KL term (0: not requested)
         self.teacher_topk = cfg.algorithm.topk_k if self.objective.topk_kl != "none" and not cfg.supervised else 0
@@ -192,13 +165,12 @@ class Trainer:
         trainer_state: dict[str, Any] = {}
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if resume is not None:
-            trainer_state = load_checkpoint(resume, model=self.model, optimizer=optimizer, scheduler=self.scheduler)
+            trainer_state = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self.step = int(trainer_state["step"])
             self.nonfinite_steps = int(trainer_state.get("nonfinite_steps", 0))
             self.empty_steps_total = int(trainer_state.get("empty_steps_total", 0))
             self.last_saved_step = self.step
             logger.info("resumed from %s at step %d", resume, self.step)
-        self.resumed = resume is not None
         self.engine_version = self.step  # the weight version the student engines serve
 
         # data (rank 0)
@@ -239,9 +211,9 @@ class Trainer:
         for rec in self.dataset.records:
             value = rec.extra.get(key)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"algorithm.preset={self.cfg.algorithm.preset!r} trains on (prompt, solution) "
-                                 f"records: record {rec.record_id!r} has no string {key!r} field "
-                                 f"(data.solution_key)")
+                raise ConfigError("data.solution_key", f"algorithm.preset={self.cfg.algorithm.preset!r} trains "
+                                  f"on (prompt, solution) records: record {rec.record_id!r} has no string "
+                                  f"{key!r} field")
 
     def _supervised_batch(self, step: int, records: list[Any]) -> RolloutBatch:
         """sft / kd: each record's solution (+ eos) is the response; reward 1 (the MLE path)."""
@@ -743,7 +715,7 @@ class Trainer:
         trainer_state = {"nonfinite_steps": self.nonfinite_steps, "empty_steps_total": self.empty_steps_total}
         if self.is_controller:
             trainer_state["sampler"] = self.sampler.state_dict()
-        save_checkpoint(self.cfg.checkpoint_dir, step, model=self.model, optimizer=self.optimizer._optimizer,
+        save_checkpoint(self.cfg.checkpoint_dir, step, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, arch=self.arch, hf_side_dir=self.hf_side_dir, dtype=self.dtype,
                         trainer_state=trainer_state, config_yaml=self.config_yaml, keep_last=self.cfg.checkpoint.keep_last)
         self.last_saved_step = step
