@@ -136,10 +136,12 @@ class AlgorithmConfig:
     reward_function: Optional[str] = None
 
     def objective_overrides(self) -> dict[str, Any]:
-        keys = ("tau", "normalize", "student_sign", "teacher_sign", "student_uniform", "teacher_uniform",
-                "mle_coef", "kl_coef", "aggregation", "clip_eps", "mle_form", "sampled_kl_coef", "grpo_kl_beta",
-                "topk_kl", "topk_tail", "topk_kl_coef")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        """The fields this section shares with ``objective.ObjectiveConfig`` that are set (not None)."""
+        from .objective import ObjectiveConfig
+
+        shared = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in shared and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -274,14 +276,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(name, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(name, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if tp is Any:
         return value
@@ -458,6 +459,11 @@ def validate(c: Config) -> None:
     if a.reward_function is not None:
         _require(":" in a.reward_function, "algorithm.reward_function", "must look like package.module:function")
     objective = c.objective_config()
+    # objective_loss takes the initial policy's log-probs (ref_logprobs), but the trainer runs no
+    # reference forward pass (a frozen copy of the initial student), so a KL to it cannot be computed
+    _require(objective.grpo_kl_beta == 0, "algorithm.grpo_kl_beta",
+             f"a KL to the initial policy needs a reference model, which this trainer does not run; "
+             f"use 0 (got {objective.grpo_kl_beta})")
     if a.updates_per_batch > 1 and objective.clip_eps is None:
         raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
     if objective.topk_kl != "none":

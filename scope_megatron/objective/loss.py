@@ -162,8 +162,9 @@ class ObjectiveConfig:
         Names: ``scope``; its ablations ``scope_uniform`` ("w/o DPAW"), ``scope_no_student_weight``,
         ``scope_no_teacher_weight``, ``scope_opposite_student``, ``scope_opposite_teacher``,
         ``scope_reference_code_signs`` (the released scripts' effective signs: student reversed);
-        baselines ``opd``, ``grpo`` (clip 0.2, token mean; pass ``grpo_kl_beta=1e-4`` for the
-        paper's KL), ``kd``, ``sft``.
+        baselines ``opd``, ``grpo`` (clip 0.2, token mean; the paper adds a KL to the initial
+        policy, ``grpo_kl_beta=1e-4``, which needs ``ref_logprobs`` in :func:`objective_loss`: the
+        trainer computes none and refuses ``algorithm.grpo_kl_beta > 0``), ``kd``, ``sft``.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
