@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,8 +24,27 @@ from scope_megatron.model.hf_io import WeightFileError
 
 logger = logging.getLogger("checkpoints_tools")
 
+
+
+class InputError(ValueError):
+    """The tool's input (a directory, a config.json, a layout flag) is unusable; the message says why."""
+
+
+@contextlib.contextmanager
+def reading_input() -> Iterator[None]:
+    """Around the calls that only read and check the user's input (config.json, checkpoint meta,
+    the --tp/--pp layout, the world size): their ``ValueError`` is an :class:`InputError`. A
+    ``ValueError`` anywhere else is a bug and keeps its traceback (exit 1)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
 # Errors that are the user's input, reported in one line with exit code 2.
-INPUT_ERRORS = (UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError, ValueError,
+INPUT_ERRORS = (InputError, UnsupportedModelError, OutputExistsError, WeightFileError, FileNotFoundError,
                 CheckpointMismatchError, CheckpointReadError)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from scope_megatron.model.arch import arch_from_hf_config, check_parallel_layout, load_hf_config
 from scope_megatron.model.builder import DTYPES, resolve_dtype
 
-from ._cli import add_layout_args, build_for_conversion, run_tool
+from ._cli import add_layout_args, build_for_conversion, reading_input, run_tool
 
 logger = logging.getLogger("checkpoints_tools.hf_to_megatron")
 
@@ -31,14 +31,16 @@ def convert(args: argparse.Namespace) -> dict:
     from scope_megatron.parallel import init_parallel
 
     start = time.time()
-    arch = arch_from_hf_config(load_hf_config(args.hf))
-    check_parallel_layout(arch, args.tp, args.pp)
+    with reading_input():
+        arch = arch_from_hf_config(load_hf_config(args.hf))
+        check_parallel_layout(arch, args.tp, args.pp)
     if Path(args.out).exists():
         raise checkpoint.OutputExistsError(f"output directory {args.out} already exists; choose another --out")
     reader = HFWeightReader(args.hf, arch)
     reader.check_complete()
     dtype = resolve_dtype(args.dtype, auto=reader.dtype() if args.dtype == "auto" else None)  # reads one tensor
-    init_parallel(args.tp, args.pp)
+    with reading_input():  # the world size torchrun gave must fit --tp x --pp
+        init_parallel(args.tp, args.pp)
     logger.info("converting %s (%s, %.1fM params, %s) at TP=%d PP=%d", args.hf, arch.model_type,
                 arch.num_parameters / 1e6, dtype, args.tp, args.pp)
     model = build_for_conversion(arch, dtype)

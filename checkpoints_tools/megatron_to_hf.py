@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from ._cli import add_layout_args, build_for_conversion, run_tool
+from ._cli import add_layout_args, build_for_conversion, reading_input, run_tool
 
 logger = logging.getLogger("checkpoints_tools.megatron_to_hf")
 
@@ -28,11 +28,13 @@ def export(args: argparse.Namespace) -> dict:
     from scope_megatron.parallel import init_parallel
 
     start = time.time()
-    arch, meta = checkpoint.read_meta(args.ckpt)
-    check_parallel_layout(arch, args.tp, args.pp)
+    with reading_input():
+        arch, meta = checkpoint.read_meta(args.ckpt)
+        check_parallel_layout(arch, args.tp, args.pp)
     if Path(args.out).exists():
         raise checkpoint.OutputExistsError(f"output directory {args.out} already exists; choose another --out")
-    init_parallel(args.tp, args.pp)
+    with reading_input():  # the world size torchrun gave must fit --tp x --pp
+        init_parallel(args.tp, args.pp)
     model = build_for_conversion(arch, resolve_dtype(meta["dtype"]))
     checkpoint.load_model(model, args.ckpt)
     files = checkpoint.export_hf_dir(model, arch, args.out, Path(args.ckpt) / checkpoint.HF_SUBDIR,

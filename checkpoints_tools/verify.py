@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from ._cli import add_layout_args, run_tool
+from ._cli import add_layout_args, reading_input, run_tool
 
 logger = logging.getLogger("checkpoints_tools.verify")
 
@@ -46,16 +46,20 @@ def verify(args: argparse.Namespace) -> dict:
     from scope_megatron.model.builder import build_gpt_model, resolve_dtype, resolve_layer_impl
     from scope_megatron.parallel import init_parallel
 
-    arch, meta = checkpoint.read_meta(args.ckpt)
-    check_parallel_layout(arch, args.tp, args.pp)
+    with reading_input():
+        arch, meta = checkpoint.read_meta(args.ckpt)
+        check_parallel_layout(arch, args.tp, args.pp)
     dtype = resolve_dtype(args.dtype)
-    layout = init_parallel(args.tp, args.pp)
-    impl = resolve_layer_impl(args.impl)
+    with reading_input():  # the world size torchrun gave must fit --tp x --pp
+        layout = init_parallel(args.tp, args.pp)
+    with reading_input():  # --impl te on a machine without a working TE
+        impl = resolve_layer_impl(args.impl)
     model = build_gpt_model(arch, params_dtype=dtype, impl=impl, perform_initialization=False)
     checkpoint.load_model(model, args.ckpt)
     model.eval()
 
-    lengths = [min(int(x), arch.max_position_embeddings) for x in args.lengths.split(",")]
+    with reading_input():
+        lengths = [min(int(x), arch.max_position_embeddings) for x in args.lengths.split(",")]
     gen = torch.Generator().manual_seed(args.seed)
     batches = [MicroBatch(torch.randint(0, arch.vocab_size, (args.batch, n), generator=gen)) for n in lengths]
     outputs = run_forward(model, batches, output_fn=lambda logits, mb: _gather_logits(logits, arch.vocab_size))
