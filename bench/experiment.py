@@ -1,4 +1,4 @@
-"""Small-scale check of the paper's claims on the demo's synthetic task (issue 6 item 4).
+"""Small-scale check of the paper's claims on the demo's synthetic task.
 
 Runs SCOPE, OPD (G=1 and G=8), GRPO and the SCOPE ablations from the same student (the demo's
 cached, briefly SFT-ed student) against the same teacher (the demo's SFT teacher), several seeds

@@ -1,4 +1,4 @@
-"""Plain SFT through the training loop (``algorithm.preset: sft``; issue 6 item 2).
+"""Plain SFT through the training loop (``algorithm.preset: sft``).
 
 Independent reference: the loss the loop reports at step 1 equals the token-mean NLL of the
 solutions (eos included) given the chat-formatted prompts, computed with plain transformers on

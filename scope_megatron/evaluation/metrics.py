@@ -1,6 +1,6 @@
 """Avg@k and Pass@k from n scored samples per problem, and their per-benchmark aggregation.
 
-Definitions (``docs/method.md``, Evaluation):
+Definitions (``docs/method.md`` §6):
 
 - **Avg@k**: the mean accuracy over k samples of a problem. From ``n >= k`` samples its unbiased
   estimate is ``c / n`` (every sample is used; the value does not depend on k). The reference

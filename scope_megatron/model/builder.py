@@ -1,7 +1,7 @@
 """Build a megatron-core ``GPTModel`` that computes exactly what the HF model of ``ModelArch`` computes.
 
 The settings below are the ones verified against HF transformers for Llama, Qwen2 and Qwen3
-(../shared/docs/research/megatron-core.md, section 2): RMSNorm with HF's eps, SwiGLU, no linear
+(``docs/megatron-notes.md`` §1): RMSNorm with HF's eps, SwiGLU, no linear
 biases except Qwen2's QKV bias, Qwen3's q/k norms, ``kv_channels = head_dim``, RoPE theta and
 llama3 scaling as GPTModel arguments, dropout 0, and the vocabulary padded to a multiple of
 ``make_vocab_size_divisible_by x TP`` (padded columns are never part of a log-prob: see

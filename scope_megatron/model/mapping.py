@@ -1,6 +1,6 @@
 """HF <-> megatron-core parameter names and layouts: the one mapping used by conversion and weight sync.
 
-Layout rules (verified against HF logits; research/megatron-core.md section 3):
+Layout rules (verified against HF logits; ``docs/megatron-notes.md`` §2):
 - QKV is fused per query group: rows ``[q heads of group g; k_g; v_g]`` for g = 0..G-1, then
   split evenly on dim 0 across TP (also when TP > G).
 - fc1 is ``[gate; up]`` globally, but TP rank r holds ``[gate_r; up_r]``.

@@ -15,7 +15,7 @@ A training step is split in two:
    (exactly, up to float summation order), and so are the gradients: the result does not
    depend on TP/PP/DP layout or on the number of micro-batches. Metrics are additive the same way.
 
-The per-token SCOPE terms (method.md section 7), with ``rho = exp(lp - lp_old)`` (value 1 at
+The per-token SCOPE terms (``docs/method.md`` §4), with ``rho = exp(lp - lp_old)`` (value 1 at
 the single on-policy update, gradient = grad lp) and ``sg`` = stop-gradient:
 
 * MLE path, correct trajectories (Eq. 2):   ``l = -w_stu[i] * rho``   (``mle_form="nll"``:
@@ -87,7 +87,7 @@ AGGREGATIONS: tuple[str, ...] = ("ref_token_mean", "path_token_mean", "token_mea
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Every setting of the objective; defaults are SCOPE as in method.md.
+    """Every setting of the objective; defaults are SCOPE as in ``docs/method.md``.
 
     Attributes:
         method: ``scope``, ``opd``, ``grpo``, ``kd`` or ``sft`` (``kd`` = ``sft`` on teacher text).

@@ -5,7 +5,7 @@ per-trajectory tensors of the GLOBAL batch (all prompts of one rollout step), be
 softmax of Eqs. 4/5 runs over all responses of one prompt, which may be spread over several
 micro-batches and data-parallel ranks.
 
-Notation (method.md, section "One training step"):
+Notation (``docs/method.md`` §2-3):
 
 * group ``x``: the G responses sampled for one prompt (``group_ids`` holds the prompt index);
 * routing: ``C = {i in x : correct_i}`` (MLE path), ``W = {i in x : not correct_i}`` (KL path);
@@ -18,7 +18,7 @@ The paper's weights sum to 1 inside each (group, path) subset (``normalize="sum1
 reference code multiplies them by the subset size so they average 1 and a subset of one gets
 weight 1 (``normalize="mean1"``, the default). ``*_sign="reversed"`` negates a path's score
 (the paper's "opposite weight" ablations; the reference scripts' student sign is the reversed
-one, see method.md); ``*_uniform=True`` gives every member of a subset the same weight (the
+one, ``docs/method.md`` §3); ``*_uniform=True`` gives every member of a subset the same weight (the
 "w/o student/teacher weight" and "w/o DPAW" ablations).
 """
 

@@ -1,4 +1,4 @@
-"""Rollouts and teacher scoring (issue 4).
+"""Rollouts and teacher scoring: everything that talks to the student and teacher engines.
 
 - :mod:`.client`: async SGLang 0.5.23 client (generate, teacher scoring, weight-update protocol).
 - :mod:`.embedded_server` / :mod:`.engine`: a transformers engine speaking SGLang's HTTP protocol

@@ -1,6 +1,6 @@
 """Asynchronous client of SGLang 0.5.23's HTTP API (also spoken by the embedded engine).
 
-What the trainer needs, per ``docs/research/sglang-api.md``:
+What the trainer needs (``docs/sglang-protocol.md``):
 
 - :meth:`SGLangClient.generate` / :meth:`~SGLangClient.generate_group`: student rollouts from
   ``input_ids`` with explicit sampling settings and ``return_logprob``; results carry response

@@ -1,7 +1,7 @@
 """``scope-megatron serve``: the embedded engine behind SGLang 0.5.23's HTTP protocol.
 
 A FastAPI app (served by uvicorn) in front of :class:`~scope_megatron.rollout.engine.EmbeddedEngine`.
-Request and response JSON follow ``docs/research/sglang-api.md`` field by field, so the
+Request and response JSON follow SGLang 0.5.23 (``docs/sglang-protocol.md``) field by field, so the
 trainer's :class:`~scope_megatron.rollout.client.SGLangClient` cannot tell it from SGLang.
 
 Endpoints: ``/generate`` (POST/PUT), ``/health``, ``/health_generate``, ``/ready``,

@@ -3,7 +3,7 @@
 One worker thread owns the model. Requests (already validated by the HTTP layer) are queued;
 the worker takes up to ``max_batch_size`` of them, prefills them together (left padding, a KV
 cache), then decodes one token per step for the whole batch until every request finished.
-Semantics follow SGLang 0.5.23 (``docs/research/sglang-api.md``):
+Semantics follow SGLang 0.5.23 (``docs/sglang-protocol.md`` §1, §4):
 
 - output log-probs are ``log_softmax(logits / temperature)`` over the full vocabulary, before
   top-k/top-p/min-p truncation (greedy: plain ``log_softmax``); penalties apply first;

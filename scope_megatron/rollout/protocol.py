@@ -1,6 +1,6 @@
 """SGLang 0.5.23 ``/generate`` protocol pieces shared by the client and the embedded engine.
 
-Everything here follows ``docs/research/sglang-api.md`` (read from SGLang 0.5.23's source):
+Everything here follows SGLang 0.5.23's source (``docs/sglang-protocol.md`` §1):
 
 - :data:`SAMPLING_PARAM_KEYS`: the keys SGLang's schema contract accepts inside
   ``sampling_params``; any other key is an HTTP 400 ``{"error": "unknown field ..."}``.

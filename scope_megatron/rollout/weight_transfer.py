@@ -4,7 +4,7 @@ Input: an iterable of ``(hf_name, full tensor)`` pairs produced on the trainer's
 Megatron -> HF gather and renaming happen elsewhere). Output: every engine serves those weights
 and reports ``weight_version`` = the training step.
 
-Per update (``docs/research/sglang-api.md`` §2.9's recommended sequence)::
+Per update (``docs/sglang-protocol.md`` §5)::
 
     distributed: pause_generation(retract) -> begin_weight_update (404 tolerated) ->
                  per bucket, POST update_weights_from_distributed (names, dtypes such as

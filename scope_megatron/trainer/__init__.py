@@ -1,4 +1,4 @@
-"""The SCOPE training loop under torchrun (issue 5).
+"""The SCOPE training loop: one ``torchrun`` world of Megatron ranks that trains the student.
 
 - :mod:`.loop`: :class:`~.loop.Trainer`, one step = rollouts -> old log-probs -> plan ->
   megatron train step -> weight sync -> metrics / checkpoint.

@@ -19,7 +19,7 @@ removed by the next save. Only then are checkpoints beyond the last ``keep_last`
 
 Plain ``torch.optim.Adam`` (megatron without Transformer Engine / Apex, e.g. on CPU) needs three
 fixes of megatron-core 0.19's distributed-optimizer checkpoint code
-(``docs/research/megatron-core.md`` section 4); :func:`_patch_torch_adam_checkpointing` applies
+(``docs/megatron-notes.md`` §3); :func:`_patch_torch_adam_checkpointing` applies
 them to this optimizer instance only, and only when megatron uses torch's Adam.
 """
 
