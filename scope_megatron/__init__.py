@@ -1,11 +1,40 @@
 """scope-megatron: SCOPE on-policy distillation on megatron-core.
 
-Modules, one concept each:
-- ``cpu_shims``: the few monkeypatches megatron-core needs on a machine without CUDA.
-- ``model``: HF config -> megatron-core GPTModel, HF <-> Megatron weight mapping.
-- ``parallel``: torch.distributed + megatron parallel-state setup.
+Modules, one concept each (the same tree as README.md's layout table):
+
+Entry points
+- ``cli``: the ``scope-megatron`` console script, one sub-command per job.
+- ``train``: a training run (single process, or one process per rank under torchrun).
+- ``config``: the one typed config, validated at startup.
+- ``demo``: SCOPE end to end on a CPU in minutes (teacher, student, synthetic task).
+- ``parity_demo``: conversion, HF parity and a few training steps on a tiny model.
+
+Training
+- ``trainer``: the SCOPE loop (rollouts -> old log-probs -> plan -> train step -> weight sync),
+  the rollout controller, batching, checkpoints, metrics.
 - ``objective``: the SCOPE math (routing, group weights, vocab-parallel log-probs, loss).
-- ``rollout``: SGLang client, launcher, embedded engine, rewards, prompt data.
+- ``batch``: the micro-batch types (``MicroBatch``, ``PackedMicroBatch``) and context-parallel splits.
+- ``packing``: packed micro-batches by token budget, balanced over data-parallel ranks.
+- ``megatron_step``: forward passes and training steps through megatron's pipeline schedule.
+
+Model and parallelism
+- ``model``: HF config -> megatron-core GPTModel, HF <-> Megatron weight mapping, checkpoints.
+- ``parallel``: torch.distributed + megatron parallel-state setup, the local device.
+- ``cpu_shims``: the few monkeypatches megatron-core needs on a machine without CUDA.
+- ``device_check``: refuses a silent CPU fallback on a machine whose GPUs torch cannot use.
+- ``runtime_env``: the process environment set before torch.distributed / CUDA start.
+
+Rollouts and evaluation
+- ``rollout``: SGLang client, launcher, embedded engine, weight transfer, rewards, prompt data;
+  ``rollout.types`` holds ``Trajectory`` and ``RolloutBatch``.
+- ``evaluation``: ``scope-megatron eval``, Avg@k / Pass@k on the math benchmarks.
+
+Support
+- ``logs``: the logging set-up every entry point shares.
+- ``tiny_models``: tiny HF models and tokenizer built locally, for tests, demos and benches.
+
+Reference notes: ``docs/method.md`` (the objective), ``docs/sglang-protocol.md`` (the engine
+protocol), ``docs/megatron-notes.md`` (layouts, checkpoints, CPU).
 """
 
 __version__ = "0.1.0"
