@@ -11,8 +11,9 @@ Per update (``docs/sglang-protocol.md`` §5)::
                  "bfloat16", shapes; flush_cache and weight_version on the last bucket only)
                  to every engine, then broadcast the bucket's tensors from group rank 0
                  -> end_weight_update (404 tolerated) -> continue_generation
-    disk:        pause_generation(retract) -> write safetensors buckets + index under a shared
-                 path, POST update_weights_from_disk to every engine -> continue_generation
+    disk:        pause_generation(retract) -> write an HF safetensors directory under a shared
+                 path (shards of at most bucket_bytes, the index past one shard), POST
+                 update_weights_from_disk to every engine -> continue_generation
 
 Before its first group is formed every engine is cleaned of what a dead trainer may have left
 (a pause, an open session, its group); the disk transport needs no such step (it opens no
