@@ -38,7 +38,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _guard_worker(rank: int, world: int, dist_opt: bool) -> dict:
-    from scope_megatron.megatron_step import MicroBatch, train_step, wrap_for_training
+    from scope_megatron.batch import MicroBatch
+    from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs
