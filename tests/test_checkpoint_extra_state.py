@@ -172,7 +172,6 @@ def test_damaged_checkpoint_is_a_clear_error(results):
 
 def _write_checkpoints(rank: int, world: int, hf_dir: str, root: str) -> None:
     """From an HF model: a checkpoint whose norms saved TE-like _extra_state, and a damaged plain one."""
-    import shutil
     from pathlib import Path
 
     from scope_megatron.model import checkpoint
