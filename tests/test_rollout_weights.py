@@ -26,7 +26,7 @@ from scope_megatron.rollout.embedded_server import start_embedded_server, start_
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
 from scope_megatron.tiny_models import save_tiny_hf_model
 from tests.dist_utils import free_port, run_ranks
-from tests.rollout_utils import wait_until_decoding
+from tests.rollout_utils import assert_server_dies, wait_until_decoding
 
 pytestmark = pytest.mark.timeout(180)
 PROMPT, RESPONSE = [1, 20, 30, 40, 50], [60, 61, 62, 63, 64, 65]
@@ -144,15 +144,7 @@ def test_disk_update_of_some_weights_loads_them_and_a_wrong_shape_kills_the_serv
             bad["model.norm.weight"] = torch.zeros(3)
             with pytest.raises(Exception):
                 wt.update(bad.items(), weight_version=2)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(server.url + "/model_info", timeout=2)
-            except httpx.HTTPError:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server still answers after its scheduler died")
+        assert_server_dies(server.url)
 
 
 def test_distributed_update_needs_a_session(dirs):
