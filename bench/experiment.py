@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scope_megatron import demo  # noqa: E402
+from scope_megatron.examples import demo  # noqa: E402
 
 # name -> (algorithm.preset, group size or None for the default G)
 METHODS = {

@@ -110,7 +110,7 @@ def check_env() -> dict:
 
 
 def check_parity(work: Path, out: Path, small: bool, bf16_tol: float, fp32_tol: float) -> None:
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     hf, ckpt, log = work / "parity_hf", work / "parity_ckpt", out / "parity.log"
     save_tiny_hf_model(hf, "qwen3", seed=3, dtype="bfloat16", **({} if small else QWEN3_06B_SHAPE))
@@ -145,7 +145,7 @@ def _finite(values) -> bool:
 def check_training(work: Path, out: Path, small: bool) -> None:
     import torch
 
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     assets = prepare(work / "tiny")
     device = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -80,7 +80,7 @@ def layout_stats(lengths: list[int], b: int, max_tokens: int, dp: int) -> dict:
 def build_model(args, dtype):
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
 
     if args.model == "small":
         cfg = tiny_hf_config("qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=2,

@@ -31,7 +31,7 @@ import torch
 from scope_megatron.rollout.client import SGLangClient
 from scope_megatron.rollout.embedded_server import start_embedded_server
 from scope_megatron.rollout.protocol import SamplingParams
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
 
 def main() -> None:

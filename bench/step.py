@@ -46,8 +46,8 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    from scope_megatron.tiny_models import save_tiny_hf_model
-    from scope_megatron.trainer.tiny import write_prompts
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny import write_prompts
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="scope-bench-"))
     size = {}

@@ -39,7 +39,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B
 
 def hf_config_dict(model: str) -> dict:
     if model == "tiny":
-        from scope_megatron.tiny_models import tiny_hf_config
+        from scope_megatron.examples.tiny_models import tiny_hf_config
 
         return tiny_hf_config("qwen3").to_dict()
     if model in PRESETS:

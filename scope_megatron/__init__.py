@@ -6,8 +6,6 @@ Entry points
 - ``cli``: the ``scope-megatron`` console script, one sub-command per job.
 - ``train``: a training run (single process, or one process per rank under torchrun).
 - ``config``: the one typed config, validated at startup.
-- ``demo``: SCOPE end to end on a CPU in minutes (teacher, student, synthetic task).
-- ``parity_demo``: conversion, HF parity and a few training steps on a tiny model.
 
 Training
 - ``trainer``: the SCOPE loop (rollouts -> old log-probs -> plan -> train step -> weight sync),
@@ -31,7 +29,12 @@ Rollouts and evaluation
 
 Support
 - ``logs``: the logging set-up every entry point shares.
-- ``tiny_models``: tiny HF models and tokenizer built locally, for tests, demos and benches.
+
+Examples (``examples``, outside the library: nothing above imports them)
+- ``examples.demo``: SCOPE end to end on a CPU in minutes (teacher, student, synthetic task).
+- ``examples.parity_demo``: conversion, HF parity and a few training steps on a tiny model.
+- ``examples.tiny_models``: tiny HF models and tokenizer built locally, for tests, demos and benches.
+- ``examples.tiny``: the tiny student, teacher, toy prompts and toy reward of ``configs/tiny_cpu.yaml``.
 
 Reference notes: ``docs/method.md`` (the objective), ``docs/sglang-protocol.md`` (the engine
 protocol), ``docs/megatron-notes.md`` (layouts, checkpoints, CPU).

@@ -11,8 +11,8 @@ import sys
 
 # name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("scope_megatron.demo", "CPU demo: SCOPE distillation of a tiny student, before/after table"),
-    "parity-demo": ("scope_megatron.parity_demo", "tiny model: convert, check Megatron-vs-HF parity, train, export"),
+    "demo": ("scope_megatron.examples.demo", "CPU demo: SCOPE distillation of a tiny student, before/after table"),
+    "parity-demo": ("scope_megatron.examples.parity_demo", "tiny model: convert, check Megatron-vs-HF parity, train, export"),
     "train": ("scope_megatron.train", "SCOPE training run (also: torchrun -m scope_megatron.train)"),
     "serve": ("scope_megatron.rollout.embedded_server", "embedded engine speaking SGLang's HTTP protocol"),
     "eval": ("scope_megatron.evaluation.cli", "Avg@k / Pass@k on math benchmarks (HF dir or SGLang URL)"),

@@ -29,7 +29,7 @@ def run_module(module: str, *args: str, timeout: float = 300, nproc: int = 1) ->
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """{case: (hf_dir, megatron_ckpt_dir)} for every case in MODEL_CASES, converted by hf_to_megatron."""
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     root = tmp_path_factory.mktemp("models")
     out = {}

@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, root: str) -> dict:
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.parallel import init_parallel
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
     from scope_megatron.model.arch import arch_from_hf_config
 
     init_parallel(1, 1)
@@ -200,7 +200,7 @@ def test_conversion_tools_read_te_made_checkpoints_and_report_damage(tmp_path):
     bit, and a damaged checkpoint is one clear line with exit code 2 (not a BaseException traceback)."""
     from safetensors.torch import load_file
 
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
     from tests.conftest import run_module
 
     hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen3", seed=7)

@@ -49,7 +49,7 @@ def test_bf16_sharded_checkpoint_round_trip(tmp_path):
     """bf16 weights in a sharded safetensors index in, bf16 shards + index out, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from scope_megatron.tiny_models import make_tiny_tokenizer, tiny_hf_config
+    from scope_megatron.examples.tiny_models import make_tiny_tokenizer, tiny_hf_config
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2")).to(torch.bfloat16)
@@ -111,7 +111,7 @@ def test_missing_weight_file(converted_models, tmp_path):
 def test_missing_shard_listed_in_index(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
 
     src = tmp_path / "hf"
     AutoModelForCausalLM.from_config(tiny_hf_config("llama")).save_pretrained(src, max_shard_size="60KB")

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from scope_megatron import demo
+from scope_megatron.examples import demo
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from scope_megatron.parallel import free_port
 from scope_megatron.rollout.dist_group import destroy_weight_update_group, init_weight_update_group
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests.rollout_utils import assert_server_dies, wait_until_decoding
 
 pytestmark = pytest.mark.timeout(180)

@@ -26,7 +26,7 @@ from scope_megatron.evaluation.runner import EvalError, EvalSettings, evaluate, 
 from scope_megatron.rollout.client import BackgroundLoop, SGLangClient
 from scope_megatron.rollout.embedded_server import start_embedded_server
 from scope_megatron.rollout.rewards import MathRewardPool
-from scope_megatron.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
+from scope_megatron.examples.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -89,7 +89,7 @@ def _tail(path: Path, n: int = 5000) -> str:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     return prepare(tmp_path_factory.mktemp("tiny"))
 

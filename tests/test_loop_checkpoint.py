@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, hf_dir: str, root: str) -> dict:
 
 
 def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen3", seed=3)
     root = tmp_path / "ckpts"

@@ -106,7 +106,7 @@ def test_entry_point_reports_config_errors_and_prints_config(tmp_path):
 
 def test_a_trajectory_over_the_budget_with_oversize_error_aborts_the_run(tmp_path):
     """parallel.oversize_sequences=error: the step stops with a message naming the budget, exit 1."""
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
     from tests.loop_utils import asset_overrides, run_train
 
     assets = prepare(tmp_path / "tiny")

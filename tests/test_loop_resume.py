@@ -30,7 +30,7 @@ EXACT = ("loss/total", "loss/mle", "loss/kl", "train/grad_norm", "train/lr", "re
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     return prepare(tmp_path_factory.mktemp("tiny"))
 

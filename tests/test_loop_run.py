@@ -28,7 +28,7 @@ LOSS_CURVES: dict[str, dict[int, dict]] = {}  # layout -> metrics, to compare la
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     root = tmp_path_factory.mktemp("tiny")
     paths = prepare(root)

@@ -30,7 +30,7 @@ COMMON = ("steps=3", "checkpoint.every=0", "checkpoint.keep_last=0", "rollout.ma
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     return prepare(tmp_path_factory.mktemp("tiny"))
 

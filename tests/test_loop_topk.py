@@ -26,7 +26,7 @@ TEMPERATURE = 0.6  # configs/tiny_cpu.yaml's rollout temperature: student log-pr
 
 @pytest.fixture(scope="module")
 def topk_run(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     root = tmp_path_factory.mktemp("topk")
     assets = prepare(root / "tiny")

@@ -9,7 +9,7 @@ from scope_megatron.model.arch import UnsupportedModelError, arch_from_hf_config
 from scope_megatron.model.builder import padded_vocab_size
 from scope_megatron.model.mapping import (expected_hf_shapes, global_to_hf, hf_to_global, merge_shards,
                                           param_maps, shard)
-from scope_megatron.tiny_models import tiny_hf_config
+from scope_megatron.examples.tiny_models import tiny_hf_config
 
 
 def _cfg(family: str, **overrides) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from scope_megatron.rollout.data import (PAPER_SUFFIX, REFERENCE_CODE_FORMAT, PromptDataConfig, PromptDataset,
                                          PromptFormat, PromptSampler, format_prompt, read_records)
-from scope_megatron.tiny_models import make_tiny_tokenizer
+from scope_megatron.examples.tiny_models import make_tiny_tokenizer
 
 MATH_DIR = Path("/work/shared/data/math")
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     return prepare(tmp_path_factory.mktemp("tiny"))
 

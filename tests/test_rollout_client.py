@@ -18,7 +18,7 @@ from scope_megatron.rollout.client import (SGLangClient, SGLangConnectionError, 
                                            SGLangTimeoutError, SGLangUpdateError)
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.protocol import SamplingParams
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests.dist_utils import free_port
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,7 @@ import torch
 
 from tests.rollout_utils import wait_until_decoding
 from scope_megatron.rollout.embedded_server import start_embedded_server
-from scope_megatron.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
+from scope_megatron.examples.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 2e-5

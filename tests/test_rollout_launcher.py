@@ -12,7 +12,7 @@ import pytest
 from scope_megatron.rollout.launcher import (RolloutServers, ServerGroupSpec, ServersEnvError, external_endpoints,
                                              router_command, router_command_for, server_command,
                                              server_groups_from_env)
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests import sglang_parsers
 
 pytestmark = pytest.mark.timeout(150)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from scope_megatron.rollout.client import SGLangClient, SGLangHTTPError
 from scope_megatron.rollout.embedded_server import start_embedded_server
 from scope_megatron.rollout.protocol import SAMPLING_PARAM_KEYS, SamplingParams
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests.test_rollout_client import FakeServer
 
 pytestmark = pytest.mark.timeout(120)

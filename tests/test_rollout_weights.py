@@ -24,7 +24,7 @@ from scope_megatron.rollout.client import SGLangClient, SGLangError
 from scope_megatron.rollout.dist_group import tcp_init_method
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.weight_transfer import WeightTransfer, flatten_bucket, iter_buckets
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests.dist_utils import free_port, run_ranks
 from tests.rollout_utils import assert_server_dies, wait_until_decoding
 

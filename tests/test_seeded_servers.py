@@ -20,7 +20,7 @@ from scope_megatron.parallel import free_port
 from scope_megatron.rollout.client import BackgroundLoop
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.protocol import SamplingParams
-from scope_megatron.tiny_models import save_tiny_hf_model
+from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from scope_megatron.trainer.controller import RolloutController, ServerSetupError
 from tests.loop_utils import asset_overrides, run_train, tail
 
@@ -89,7 +89,7 @@ def test_student_without_deterministic_inference_is_refused_or_warned(model_dir,
 def test_training_against_a_seed_ignoring_student_server_stops_before_any_rollout(tmp_path):
     """As a user runs it: `python -m scope_megatron.train` with rollout.student_urls pointing at a
     server started without the flag exits 2 with the remedy, before the first step."""
-    from scope_megatron.trainer.tiny import prepare
+    from scope_megatron.examples.tiny import prepare
 
     assets = prepare(tmp_path / "tiny")
     port = free_port()

@@ -51,7 +51,7 @@ def sft_run(tmp_path_factory):
     import subprocess
     import sys
 
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     root = tmp_path_factory.mktemp("sft")
     hf = save_tiny_hf_model(root / "init_hf", "qwen3", seed=3)
@@ -112,7 +112,7 @@ def test_sft_without_solutions_fails_with_named_field(tmp_path):
     import subprocess
     import sys
 
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     hf = save_tiny_hf_model(tmp_path / "hf", "qwen3", seed=0)
     data = tmp_path / "d.jsonl"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from scope_megatron.rollout.embedded_server import start_embedded_server
-from scope_megatron.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
+from scope_megatron.examples.tiny_models import make_tiny_tokenizer, save_tiny_hf_model
 from scope_megatron.trainer.weight_sync import default_verify_tolerance
 from tests.dist_utils import run_ranks
 
@@ -64,7 +64,7 @@ def _trainer(rank: int, world: int, trainer_dir: str, urls: dict, prompt_ids: li
     from scope_megatron.model.arch import arch_from_hf_config, load_hf_config
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.parallel import init_parallel
-    from scope_megatron.tiny_models import make_tiny_tokenizer
+    from scope_megatron.examples.tiny_models import make_tiny_tokenizer
     from scope_megatron.trainer.weight_sync import SyncError, WeightSync, make_probe
 
     init_parallel(1, 1)

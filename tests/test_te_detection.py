@@ -103,7 +103,7 @@ from scope_megatron.parallel import init_parallel
 init_parallel(1, 1)
 from scope_megatron.model.arch import arch_from_hf_config
 from scope_megatron.model.builder import build_gpt_model
-from scope_megatron.tiny_models import tiny_hf_config
+from scope_megatron.examples.tiny_models import tiny_hf_config
 arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())
 out = {}
 for impl in IMPLS:
@@ -120,7 +120,7 @@ from megatron.core.transformer import transformer_block
 from scope_megatron.parallel import init_parallel
 from scope_megatron.model.arch import arch_from_hf_config
 from scope_megatron.model.builder import build_gpt_model
-from scope_megatron.tiny_models import tiny_hf_config
+from scope_megatron.examples.tiny_models import tiny_hf_config
 init_parallel(1, 1)
 arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())
 out = {"megatron_default_final_norm": transformer_block.LayerNormImpl.__name__}
@@ -147,7 +147,7 @@ def test_final_norm_is_rmsnorm_with_apex_but_no_te(tmp_path):
     out = _json(_run(BUILD, root))
     assert out["megatron_default_final_norm"] == "FusedLayerNorm"  # what megatron would have built
     from scope_megatron.model.arch import arch_from_hf_config
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
 
     eps = arch_from_hf_config(tiny_hf_config("qwen3").to_dict()).rms_norm_eps
     assert out["local_sdpa"] == ["RMSNorm", eps] and out["local"] == ["RMSNorm", eps]

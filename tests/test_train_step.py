@@ -141,7 +141,7 @@ def _schedule_worker(rank: int, world: int) -> list[float]:
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs
     from scope_megatron.parallel import init_parallel
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
 
     init_parallel(1, 1)
     arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())

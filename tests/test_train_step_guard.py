@@ -44,7 +44,7 @@ def _guard_worker(rank: int, world: int, dist_opt: bool) -> dict:
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs
     from scope_megatron.parallel import init_parallel
-    from scope_megatron.tiny_models import tiny_hf_config
+    from scope_megatron.examples.tiny_models import tiny_hf_config
 
     init_parallel(1, 1)  # DP = 2
     arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())

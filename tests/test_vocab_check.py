@@ -17,7 +17,7 @@ import torch
 from scope_megatron.config import ConfigError
 from scope_megatron.objective.logprobs import topk_kl, vocab_parallel_topk_kl
 from scope_megatron.rollout.vocab import VocabularyMismatch, check_teacher_vocabulary, load_tokenizer
-from scope_megatron.tiny_models import CHARS, SPECIAL_TOKENS, make_tiny_tokenizer, save_tiny_hf_model, tiny_hf_config
+from scope_megatron.examples.tiny_models import CHARS, SPECIAL_TOKENS, make_tiny_tokenizer, save_tiny_hf_model, tiny_hf_config
 from scope_megatron.trainer.controller import mask_topk_row
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,7 +176,7 @@ def test_controller_masks_teacher_topk_ids_beyond_the_student_vocabulary(tmp_pat
     from scope_megatron.rollout.data import PromptRecord
     from scope_megatron.rollout.embedded_server import start_embedded_server
     from scope_megatron.rollout.protocol import SamplingParams
-    from scope_megatron.tiny_models import tiny_vocab_size
+    from scope_megatron.examples.tiny_models import tiny_vocab_size
     from scope_megatron.trainer.controller import RolloutController
 
     student_vocab, k = tiny_vocab_size(), 8

@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-logger = logging.getLogger("scope_megatron.parity_demo")
+logger = logging.getLogger("scope_megatron.examples.parity_demo")
 
 
 def arithmetic_examples(n: int, seed: int) -> list[str]:
@@ -73,7 +73,7 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
     from scope_megatron.model.builder import build_gpt_model
     from scope_megatron.objective import vocab_parallel_logprobs
     from scope_megatron.parallel import destroy_parallel, init_parallel
-    from scope_megatron.tiny_models import make_tiny_tokenizer
+    from scope_megatron.examples.tiny_models import make_tiny_tokenizer
 
     init_parallel(1, 1, seed=0)
     arch, _ = checkpoint.read_meta(ckpt)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from scope_megatron.logs import setup_logging
-    from scope_megatron.tiny_models import save_tiny_hf_model
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
 
     setup_logging()
     start = time.time()

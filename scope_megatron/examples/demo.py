@@ -221,12 +221,12 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings) -> float
     """Avg@1 of an HF model on the held-out benchmark (embedded engine, math-verify), cached in ``out``."""
     from transformers import AutoTokenizer
 
-    from .evaluation.runner import EvalSettings, run_evaluation
-    from .evaluation.benchmarks import load_benchmarks
-    from .rollout.client import SGLangClient
-    from .rollout.embedded_server import start_embedded_server_process
-    from .rollout.rewards import MathRewardPool
-    from .parallel import free_port
+    from ..evaluation.runner import EvalSettings, run_evaluation
+    from ..evaluation.benchmarks import load_benchmarks
+    from ..rollout.client import SGLangClient
+    from ..rollout.embedded_server import start_embedded_server_process
+    from ..rollout.rewards import MathRewardPool
+    from ..parallel import free_port
 
     results = out / "results.json"
     if results.is_file():

@@ -1,9 +1,9 @@
 """Assets for a laptop-sized SCOPE run: tiny student and teacher HF models, toy prompts, a toy reward.
 
-``python -m scope_megatron.trainer.tiny DIR`` writes ``DIR/student_hf``, ``DIR/teacher_hf`` and
+``python -m scope_megatron.examples.tiny DIR`` writes ``DIR/student_hf``, ``DIR/teacher_hf`` and
 ``DIR/prompts.jsonl``, which ``configs/tiny_cpu.yaml`` points at (``runs/tiny``). Untrained tiny
 models never write a ``\\boxed{}`` answer, so math-verify would route every rollout to the KL path;
-:func:`toy_reward` (``algorithm.reward_function: scope_megatron.trainer.tiny:toy_reward``) marks
+:func:`toy_reward` (``algorithm.reward_function: scope_megatron.examples.tiny:toy_reward``) marks
 about half of the responses correct, so both SCOPE paths are exercised.
 """
 
@@ -34,7 +34,7 @@ def write_prompts(path: str | Path, n: int = len(PROBLEMS)) -> Path:
 
 def prepare(out_dir: str | Path, family: str = "qwen3") -> dict[str, Path]:
     """Write the tiny student, teacher and prompts under ``out_dir`` (skips what exists)."""
-    from ..tiny_models import save_tiny_hf_model
+    from .tiny_models import save_tiny_hf_model
 
     out = Path(out_dir)
     paths = {"student": out / "student_hf", "teacher": out / "teacher_hf", "prompts": out / "prompts.jsonl"}
