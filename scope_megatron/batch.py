@@ -22,6 +22,9 @@ class MicroBatch:
     tokens: torch.Tensor  # [b, s] int64
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     num_loss_tokens: int = 0  # tokens that carry a loss term (for megatron's token counter)
+    # Position in the list handed to run_forward / train_step: they set it on the copy a loss or
+    # output function receives, so per-micro-batch inputs computed earlier can be looked up by it.
+    index: int = 0
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -30,7 +33,7 @@ class MicroBatch:
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         return MicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                          self.num_loss_tokens)
+                          self.num_loss_tokens, self.index)
 
 
 PACKED_ATTENTION_MODES = ("auto", "thd", "mask")
@@ -156,8 +159,8 @@ class PackedMicroBatch(MicroBatch):
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         return PackedMicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                                self.num_loss_tokens, self.cu_seqlens, self.cu_seqlens_padded, self.attention,
-                                self.cp_size, self.cp_rank)
+                                self.num_loss_tokens, self.index, self.cu_seqlens, self.cu_seqlens_padded,
+                                self.attention, self.cp_size, self.cp_rank)
 
 
 def context_parallel_index(slot_bounds: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:

@@ -13,6 +13,11 @@ normalisation (``calculate_per_token_loss=True``) so the gradient is exactly tha
 Under context parallelism the sums (and ``num_loss_tokens``) also run over the CP ranks, each of
 which holds its part of every packed sequence.
 
+The micro-batch a ``loss_fn`` (or a :func:`run_forward` ``output_fn``) receives is this rank's
+device copy, with ``micro_batch.index`` set to its position in the list passed in: a loss that
+needs per-micro-batch inputs computed earlier (lp_old from a forward-only pass) takes them as a
+list and looks them up by that index, instead of the caller mutating the micro-batches in between.
+
 Micro-batches are either padded rows (:class:`~scope_megatron.batch.MicroBatch`, [b, s]) or packed
 rows (:class:`~scope_megatron.batch.PackedMicroBatch`, [1, T] with ``cu_seqlens``: see
 :mod:`scope_megatron.packing`); :func:`forward_micro_batch` runs either kind, and both may be mixed in
@@ -46,12 +51,23 @@ def _as_list(model) -> list[torch.nn.Module]:
 
 def _run_schedule(model, forward_step, micro_batches: list[MicroBatch], *, forward_only: bool,
                   collect_non_loss_data: bool = False) -> list[Any]:
-    """megatron's forward_backward_func over ``micro_batches`` (each may have its own [b, s])."""
+    """megatron's forward_backward_func over ``micro_batches`` (each may have its own [b, s]).
+
+    The data iterator yields each micro-batch's device copy with ``index`` set to its position.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = local_device()
+
+    def on_device():
+        for index, mb in enumerate(micro_batches):
+            copy = mb.to(device)
+            copy.index = index
+            yield copy
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
+        data_iterator=on_device(),
         model=_as_list(model),
         num_microbatches=len(micro_batches),
         seq_length=max(mb.tokens.shape[1] for mb in micro_batches),  # sizes p2p buffers only
@@ -64,13 +80,12 @@ def _run_schedule(model, forward_step, micro_batches: list[MicroBatch], *, forwa
 def run_forward(model, micro_batches: list[MicroBatch], output_fn: OutputFn | None = None) -> list[Any]:
     """Forward-only pass; on the last pipeline stage return ``output_fn(logits, mb)`` per micro-batch.
 
+    ``mb`` is the micro-batch's device copy with ``mb.index`` its position in ``micro_batches``.
     Without ``output_fn`` the raw vocab-parallel logits [b, s, V_padded / TP] are returned.
     Other stages return an empty list.
     """
-    device = local_device()
-
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator).to(device)
+        mb = next(data_iterator)
         logits = forward_micro_batch(chunk, mb)
         if output_fn is None:
             return logits, None
@@ -159,7 +174,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], los
         return share * scale, torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=device), report
 
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator).to(device)
+        mb = next(data_iterator)
         return forward_micro_batch(chunk, mb), partial(loss_func, mb)
 
     for chunk in chunks:

@@ -5,6 +5,8 @@
   two forward all-reduces, no backward communication, no fp32 copy of the logits kept).
 - :mod:`.loss`: ``plan_batch`` (once per step, global batch) and ``objective_loss`` (per
   micro-batch, global denominators) for scope / opd / grpo / kd / sft, with metrics.
+- :mod:`.megatron`: the adapters onto megatron micro-batches: ``old_logprobs`` (forward-only
+  lp_old and per-trajectory means) and ``make_loss_fn`` (the per-micro-batch loss for ``train_step``).
 """
 
 from .logprobs import (
@@ -28,6 +30,7 @@ from .loss import (
     objective_loss,
     plan_batch,
 )
+from .megatron import OldLogprobs, make_loss_fn, old_logprobs
 from .weights import (
     group_outcome_counts,
     grpo_advantages,
@@ -45,13 +48,16 @@ __all__ = [
     "GlobalDenominators",
     "ObjectiveConfig",
     "ObjectiveOutput",
+    "OldLogprobs",
     "TokenLogprobStats",
     "TopkKLResult",
     "TrajectoryCoefficients",
     "gather_vocab_parallel_logprobs",
     "group_outcome_counts",
     "grpo_advantages",
+    "make_loss_fn",
     "objective_loss",
+    "old_logprobs",
     "plan_batch",
     "resolve_tp_group",
     "scope_weights",

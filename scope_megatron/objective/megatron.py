@@ -1,0 +1,109 @@
+"""The objective on megatron micro-batches: the old-log-prob pass and the per-micro-batch loss function.
+
+Both adapters sit between :mod:`scope_megatron.megatron_step` (which runs the schedule) and the
+objective's math (:mod:`.logprobs`, :mod:`.loss`):
+
+- :func:`old_logprobs`: lp_old per token with a forward-only pass, and each trajectory's mean
+  over its response tokens, summed over every rank that holds part of it;
+- :func:`make_loss_fn`: the ``loss_fn`` that :func:`~scope_megatron.megatron_step.train_step`
+  calls per micro-batch, with lp_old passed in explicitly and looked up by the micro-batch's
+  ``index`` (its position in the step's list, set by the schedule runner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .logprobs import vocab_parallel_logprobs, vocab_parallel_topk_kl
+from .loss import BatchPlan, ObjectiveConfig, objective_loss
+
+if TYPE_CHECKING:
+    from ..megatron_step import LossFn
+    from ..trainer.batching import StepData
+
+__all__ = ["OldLogprobs", "make_loss_fn", "old_logprobs"]
+
+
+@dataclass
+class OldLogprobs:
+    """lp_old of one step: per token, in the layout of the micro-batches it came from, and per trajectory.
+
+    ``per_micro_batch`` is empty on pipeline stages other than the last (they see no logits);
+    ``trajectory_means`` is the same on every rank.
+    """
+
+    per_micro_batch: list[torch.Tensor]  # one per micro-batch: [b, s] padded or [1, T / cp] packed, on CPU
+    trajectory_means: torch.Tensor       # [num_trajectories] float64, mean over each response's tokens
+
+
+def old_logprobs(ddp_model, data: StepData, *, vocab_size: int, temperature: float,
+                 device: torch.device) -> OldLogprobs:
+    """lp_old of ``data.micro_batches`` under the current weights (forward only, no gradient).
+
+    The per-trajectory means are sums over each trajectory's response tokens divided by its
+    response length: the sums add up over micro-batches, DP ranks and (context parallelism) the CP
+    ranks that each hold part of a packed trajectory, in one all-reduce over the world on
+    ``device``. Tensor-parallel ranks of one group hold the same (all-reduced) log-probs, so only
+    TP rank 0 contributes; pipeline stages without logits contribute zeros.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..megatron_step import run_forward
+
+    def output_fn(logits, mb):
+        return vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab_size, temperature=temperature,
+                                       check_finite=False).detach()
+
+    outputs = run_forward(ddp_model, data.micro_batches, output_fn)
+    per_micro_batch = [lp.cpu() for lp in outputs]
+    sums = torch.zeros(data.num_trajectories, dtype=torch.float64)
+    for mb, lp in zip(data.micro_batches, per_micro_batch):
+        mask = mb.extras["mask"]
+        if "token_trajectory" in mb.extras:  # packed: each token's trajectory within the micro-batch
+            trajectory = mb.extras["rows"][mb.extras["token_trajectory"]]
+        else:
+            trajectory = mb.extras["rows"][:, None].expand_as(mask)
+        sums.index_add_(0, trajectory[mask], lp[mask].double())
+    if ps.get_tensor_model_parallel_rank() != 0:
+        sums.zero_()
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    return OldLogprobs(per_micro_batch=per_micro_batch, trajectory_means=sums.cpu() / data.response_lengths.double())
+
+
+def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int, temperature: float,
+                 supervised: bool, use_topk: bool, old_logprobs: OldLogprobs | None) -> LossFn:
+    """The per-micro-batch loss for :func:`~scope_megatron.megatron_step.train_step`.
+
+    ``old_logprobs``: the step's lp_old (from :func:`old_logprobs` on the same micro-batches, in
+    the same order); None uses the current log-probs detached (rho = 1, and the only choice for
+    ``supervised`` runs, which have no old policy). ``supervised`` also drops the teacher's and
+    the rollout engine's log-probs (MLE on given text). ``use_topk`` computes the sampled-token
+    log-probs and the top-k KL against the teacher's top-k rows in one pass over the logits.
+    """
+
+    def loss_fn(logits, mb):
+        topk = None
+        if use_topk:
+            out = vocab_parallel_topk_kl(logits, mb.extras["targets"], mb.extras["teacher_topk_ids"],
+                                         mb.extras["teacher_topk_lp"], vocab_size=vocab_size,
+                                         direction=objective.topk_kl, tail=objective.topk_tail,
+                                         temperature=temperature, return_entropy=True, check_finite=False)
+            lp, topk, entropy = out.target_logprobs, out.topk_kl, out.entropy
+        else:
+            lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab_size,
+                                                  temperature=temperature, return_entropy=True, check_finite=False)
+        old = None if old_logprobs is None else old_logprobs.per_micro_batch[mb.index].to(logits.device)
+        coefficients = plan.select(mb.extras["rows"].cpu()).to(logits.device)
+        out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=mb.extras["mask"],
+                             old_logprobs=old,
+                             teacher_logprobs=None if supervised else mb.extras["teacher_lp"],
+                             rollout_logprobs=None if supervised else mb.extras["rollout_lp"], entropy=entropy,
+                             topk_kl=topk, token_trajectory=mb.extras.get("token_trajectory"), check_finite=False)
+        return out.loss, out.metrics
+
+    return loss_fn
