@@ -44,6 +44,9 @@ setup(
         "gpu-cu12": ["transformer-engine[core_cu12,pytorch]>=2.2,<3"],
         "sglang": ["sglang", "sglang-router"],
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "msgspec"],
+        # logging.wandb: Weights & Biases runs (checked with 0.31; the offline .wandb file is read
+        # back in tests/test_metrics_sinks.py)
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["scope-megatron=scope_megatron.cli:main"]},
 )

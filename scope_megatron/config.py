@@ -15,6 +15,7 @@ resolved config is printed on rank 0 and written to ``RUN_DIR/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -200,6 +201,20 @@ class EvalConfig:
     limit: Optional[int] = None          # first N problems of each benchmark
     n: int = 4                           # samples per problem
     ks: list = field(default_factory=list)          # k values (default 1 and n)
+    keep_best: str = ""                  # a metric name (e.g. eval/mean/avg@1): its best checkpoint survives pruning
+    keep_best_mode: str = "max"          # max | min: which value of keep_best is best
+    fully_parallel: bool = True          # spread checkpoint writes / reads over the data-parallel ranks
+    async_save: bool = False             # write model + optimizer shards in a forked process while training goes on
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "scope-megatron"
+    entity: Optional[str] = None
+    name: Optional[str] = None           # run name (None: W&B's generated name)
+    tags: list = field(default_factory=list)
+    mode: str = "online"                 # online | offline | disabled; online without an API key runs offline
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
@@ -209,6 +224,7 @@ class EvalConfig:
 @dataclass
 class FaultConfig:
     max_nonfinite_steps: int = 3         # abort after this many skipped NaN/inf steps (total)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases run (pip install .[wandb])
     max_empty_steps: int = 10            # abort after this many consecutive all-filtered steps
 
 
@@ -524,7 +540,15 @@ def _check_master_address(value: str) -> None:
     _require(bool(value) and value == value.strip(), name, f"must be 'auto', a host name or an IP, got {value!r}")
     if value == "auto":
         return
+    _choice(k.keep_best_mode, "checkpoint.keep_best_mode", ("max", "min"))
+    if k.keep_best.startswith("eval/"):
+        _require(c.eval.every > 0, "checkpoint.keep_best", f"{k.keep_best!r} is an evaluation metric: it exists "
+                                                           f"only with eval.every > 0")
     _require("://" not in value and "/" not in value, name,
+    _choice(c.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
+    if c.logging.wandb.enabled and c.logging.wandb.mode != "disabled":
+        _require(importlib.util.find_spec("wandb") is not None, "logging.wandb.enabled",
+                 "the wandb package is not installed (pip install .[wandb]), or set logging.wandb.enabled=false")
              f"give a host name or IP without a scheme or path (the port is chosen at run time), got {value!r}")
     if ":" in value:  # only an IPv6 literal may contain colons
         try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up scope-megatron in ./.venv (reused when present): Python 3.12, torch, megatron-core 0.19,
-# transformers, and the package itself in editable mode with its test extras.
+# transformers, and the package itself in editable mode with its test and wandb extras.
 # Usage: bash scripts/setup.sh            (idempotent; a second run takes a few seconds)
 #        PYTHON=/path/to/python3.12 bash scripts/setup.sh
 set -euo pipefail
@@ -48,7 +48,7 @@ want=$(sha256sum setup.py | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing dependencies (first time: downloads torch, ~3 GB; several minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[test,wandb]"
   echo "$want" > "$stamp"
 else
   echo "setup: dependencies up to date"
