@@ -182,25 +182,6 @@ class CheckpointConfig:
     save_at_end: bool = True
     export_hf_steps: list = field(default_factory=list)  # steps to export as HF (RUN_DIR/hf/step_N)
     export_hf_every: int = 0
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = True
-    tqdm: bool = True
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: from the GPU name (CPU: 0.1 nominal)
-    level: str = "INFO"
-    save_rollouts: bool = False          # every step's trajectories to RUN_DIR/rollouts/step_N.jsonl
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0                       # evaluate the student every N steps (0: never); RL modes only
-    at_start: bool = True                # also before the first step (step 0)
-    benchmarks: list = field(default_factory=list)  # jsonl files with problem / answer (evaluation module)
-    limit: Optional[int] = None          # first N problems of each benchmark
-    n: int = 4                           # samples per problem
-    ks: list = field(default_factory=list)          # k values (default 1 and n)
     keep_best: str = ""                  # a metric name (e.g. eval/mean/avg@1): its best checkpoint survives pruning
     keep_best_mode: str = "max"          # max | min: which value of keep_best is best
     fully_parallel: bool = True          # spread checkpoint writes / reads over the data-parallel ranks
@@ -215,6 +196,26 @@ class WandbConfig:
     name: Optional[str] = None           # run name (None: W&B's generated name)
     tags: list = field(default_factory=list)
     mode: str = "online"                 # online | offline | disabled; online without an API key runs offline
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    tqdm: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: from the GPU name (CPU: 0.1 nominal)
+    level: str = "INFO"
+    save_rollouts: bool = False          # every step's trajectories to RUN_DIR/rollouts/step_N.jsonl
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases run (pip install .[wandb])
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0                       # evaluate the student every N steps (0: never); RL modes only
+    at_start: bool = True                # also before the first step (step 0)
+    benchmarks: list = field(default_factory=list)  # jsonl files with problem / answer (evaluation module)
+    limit: Optional[int] = None          # first N problems of each benchmark
+    n: int = 4                           # samples per problem
+    ks: list = field(default_factory=list)          # k values (default 1 and n)
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
@@ -224,7 +225,6 @@ class WandbConfig:
 @dataclass
 class FaultConfig:
     max_nonfinite_steps: int = 3         # abort after this many skipped NaN/inf steps (total)
-    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases run (pip install .[wandb])
     max_empty_steps: int = 10            # abort after this many consecutive all-filtered steps
 
 
@@ -507,7 +507,15 @@ def validate(c: Config) -> None:
     _require(k.export_hf_every >= 0, "checkpoint.export_hf_every", "must be >= 0")
     for i, step in enumerate(k.export_hf_steps):
         _require(isinstance(step, int) and step >= 1, f"checkpoint.export_hf_steps[{i}]", f"must be a step >= 1, got {step!r}")
+    _choice(k.keep_best_mode, "checkpoint.keep_best_mode", ("max", "min"))
+    if k.keep_best.startswith("eval/"):
+        _require(c.eval.every > 0, "checkpoint.keep_best", f"{k.keep_best!r} is an evaluation metric: it exists "
+                                                           f"only with eval.every > 0")
     _choice(c.logging.level, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _choice(c.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
+    if c.logging.wandb.enabled and c.logging.wandb.mode != "disabled":
+        _require(importlib.util.find_spec("wandb") is not None, "logging.wandb.enabled",
+                 "the wandb package is not installed (pip install .[wandb]), or set logging.wandb.enabled=false")
     e = c.eval
     _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
     if e.every:
@@ -540,15 +548,7 @@ def _check_master_address(value: str) -> None:
     _require(bool(value) and value == value.strip(), name, f"must be 'auto', a host name or an IP, got {value!r}")
     if value == "auto":
         return
-    _choice(k.keep_best_mode, "checkpoint.keep_best_mode", ("max", "min"))
-    if k.keep_best.startswith("eval/"):
-        _require(c.eval.every > 0, "checkpoint.keep_best", f"{k.keep_best!r} is an evaluation metric: it exists "
-                                                           f"only with eval.every > 0")
     _require("://" not in value and "/" not in value, name,
-    _choice(c.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
-    if c.logging.wandb.enabled and c.logging.wandb.mode != "disabled":
-        _require(importlib.util.find_spec("wandb") is not None, "logging.wandb.enabled",
-                 "the wandb package is not installed (pip install .[wandb]), or set logging.wandb.enabled=false")
              f"give a host name or IP without a scheme or path (the port is chosen at run time), got {value!r}")
     if ":" in value:  # only an IPv6 literal may contain colons
         try:

@@ -45,8 +45,10 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     teacher = current - torch.rand(B, S, generator=g)
     teacher_full = torch.log_softmax(2.0 * torch.randn(B, S, VOCAB, generator=g), -1)
     top_lp, top_ids = teacher_full.topk(TOPK, -1)
+    # an engine policy older than lp_old: importance ratios on both sides of 1, some above the TIS caps
+    rollout_off_policy = old + 0.6 * torch.randn(B, S, generator=g)
     return {"logits": logits, "targets": targets, "mask": mask, "old": old, "teacher": teacher, "ref": current - 0.2,
-            "rollout": old + 0.01, "topk_ids": top_ids, "topk_lp": top_lp,
+            "rollout": old + 0.01, "rollout_off_policy": rollout_off_policy, "topk_ids": top_ids, "topk_lp": top_lp,
             "groups": torch.tensor(GROUPS), "correct": torch.tensor(CORRECT), "rewards": torch.tensor(CORRECT).float()}
 
 
@@ -59,7 +61,16 @@ CONFIGS = {
     "opd": ObjectiveConfig.preset("opd"),
     "grpo_k3": ObjectiveConfig.preset("grpo", grpo_kl_beta=0.1),
     "kd": ObjectiveConfig.preset("kd"),
+    # truncated importance sampling against the engine's log-probs, on every path and baseline
+    "scope_tis_topk_clip": ObjectiveConfig(off_policy_correction="tis", tis_cap=1.5, clip_eps=0.2, topk_kl="forward"),
+    "scope_nll_tis": ObjectiveConfig(off_policy_correction="tis", tis_cap=2.0, mle_form="nll"),
+    "opd_tis": ObjectiveConfig.preset("opd", off_policy_correction="tis", tis_cap=1.2),
+    "grpo_k3_tis": ObjectiveConfig.preset("grpo", grpo_kl_beta=0.1, off_policy_correction="tis", tis_cap=1.5),
 }
+
+
+def rollout_logprobs_for(config: ObjectiveConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["rollout_off_policy"] if config.off_policy_correction == "tis" else batch["rollout"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,23 +131,27 @@ def reference_loss(config: ObjectiveConfig, batch: dict[str, torch.Tensor]) -> t
             mean = sum(r) / len(r)
             std = math.sqrt(sum((v - mean) ** 2 for v in r) / (len(r) - 1))
             adv.append(0.0 if std == 0 else (float(CORRECT[i]) - mean) / (std + config.grpo_eps))
+    rollout = rollout_logprobs_for(config, batch).double()
     for i in range(B):
         for t in rows[i]:
             rho = torch.exp(lp[i, t] - old[i, t])
+            # truncated importance weight of the token: min(pi_old / pi_engine, C), a constant
+            tis = min(math.exp(float(old[i, t] - rollout[i, t])), config.tis_cap) \
+                if config.off_policy_correction == "tis" else 1.0
             if config.method == "grpo":
                 d = batch["ref"][i, t].double() - lp[i, t]
-                policy = policy + clipped_pg(rho, adv[i], eps) + config.grpo_kl_beta * (torch.exp(d) - d - 1)
+                policy = policy + tis * (clipped_pg(rho, adv[i], eps) + config.grpo_kl_beta * (torch.exp(d) - d - 1))
                 continue
             if config.method == "kd" or config.mle_form == "nll":
-                mle = mle - w_s[i] * lp[i, t]
+                mle = mle - tis * w_s[i] * lp[i, t]
             else:
-                mle = mle + clipped_pg(rho, w_s[i], eps)
+                mle = mle + tis * clipped_pg(rho, w_s[i], eps)
             if config.method in ("scope", "opd") and w_t[i] > 0:
-                kl = kl + clipped_pg(rho, -w_t[i] * float(old[i, t] - teacher[i, t]), eps)
+                kl = kl + tis * clipped_pg(rho, -w_t[i] * float(old[i, t] - teacher[i, t]), eps)
                 if config.topk_kl == "forward":
                     q = torch.softmax(batch["topk_lp"][i, t].double(), -1)
                     student = logp[i, t, batch["topk_ids"][i, t]]
-                    kl = kl + config.topk_kl_coef * w_t[i] * (q * (q.log() - student)).sum()
+                    kl = kl + tis * config.topk_kl_coef * w_t[i] * (q * (q.log() - student)).sum()
     divisor = {"ref_token_mean": (n_correct, n_all), "path_token_mean": (n_correct, n_wrong),
                "token_mean": (n_all, n_all), "paper_token_sum": (n_groups, n_groups)}[config.aggregation]
     if config.method == "opd":
@@ -184,7 +199,8 @@ def library_loss(config: ObjectiveConfig, batch: dict[str, torch.Tensor], micro_
                                                   chunk_tokens=5)
         out = objective_loss(config, plan.select(index), plan.denominators, logprobs=lp, response_mask=mask[index],
                              old_logprobs=batch["old"][index], teacher_logprobs=batch["teacher"][index],
-                             ref_logprobs=batch["ref"][index], rollout_logprobs=batch["rollout"][index],
+                             ref_logprobs=batch["ref"][index],
+                             rollout_logprobs=rollout_logprobs_for(config, batch)[index],
                              entropy=entropy, topk_kl=topk)
         out.loss.backward()
         total += float(out.loss.detach())
@@ -285,6 +301,32 @@ def test_plan_metrics_and_microbatch_metrics_hand_checked():
     k1 = float(((batch["old"] - batch["teacher"])[mask]).mean())
     assert metrics["kl/sampled_k1"] == pytest.approx(k1, rel=1e-5)
     assert metrics["loss/total"] == pytest.approx(metrics["loss/mle"] + metrics["loss/kl"], rel=1e-6)
+
+
+def test_tis_metrics_hand_checked_and_off_by_default():
+    batch = make_batch()
+    mask = batch["mask"]
+    config = CONFIGS["scope_tis_topk_clip"]
+    raw = torch.exp(batch["old"] - batch["rollout_off_policy"])[mask].double()
+    assert bool((raw > config.tis_cap).any()) and bool((raw < 1).any())  # the case is not trivial
+    _, _, metrics = library_loss(config, batch, SPLITS["uneven_shuffled"])
+    assert metrics["tis/truncated_fraction"] == pytest.approx(float((raw > config.tis_cap).double().mean()), rel=1e-5)
+    assert metrics["tis/mean_weight"] == pytest.approx(float(raw.clamp(max=config.tis_cap).mean()), rel=1e-5)
+    _, _, plain = library_loss(CONFIGS["scope"], batch, SPLITS["two"])
+    assert not any(key.startswith("tis/") for key in plain)
+
+
+def test_tis_needs_rollout_logprobs_and_sampled_data():
+    batch = make_batch()
+    config = CONFIGS["opd_tis"]
+    plan = plan_for(config, batch)
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        objective_loss(config, plan.coefficients, plan.denominators, logprobs=batch["old"].clone(),
+                       response_mask=batch["mask"], teacher_logprobs=batch["teacher"])
+    with pytest.raises(ValueError, match="off_policy_correction"):
+        ObjectiveConfig.preset("sft", off_policy_correction="tis")
+    with pytest.raises(ValueError, match="tis_cap"):
+        ObjectiveConfig(off_policy_correction="tis", tis_cap=0.0)
 
 
 def test_presets_are_the_paper_ablations():
