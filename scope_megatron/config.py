@@ -43,7 +43,16 @@ class ModelConfig:
     student: str = ""                    # converted checkpoint dir (scope_megatron.json) or HF dir
     dtype: str = "auto"                  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     layer_impl: str = "auto"             # auto | te | local | local_sdpa
-    recompute: bool = False              # full activation recomputation
+    # activation recomputation: none | selective (core attention) | full (whole layers, see below)
+    recompute: str = "none"
+    recompute_method: str = "uniform"    # full: uniform (groups of recompute_num_layers) | block (first N per stage)
+    recompute_num_layers: int = 1        # full: layers per group (uniform) / recomputed layers per stage (block)
+    # fusions: auto = on where the kernel exists (GPU with TE / apex, see docs/training.md), off on CPU;
+    # true without the kernel is refused at model build
+    apply_rope_fusion: Union[bool, str] = "auto"             # TE's fused RoPE (also for packed THD rows)
+    bias_activation_fusion: Union[bool, str] = "auto"        # fused SwiGLU (megatron's torch.compile kernel)
+    bias_dropout_fusion: Union[bool, str] = "auto"           # fused bias-dropout-add
+    gradient_accumulation_fusion: Union[bool, str] = "auto"  # wgrad GEMM accumulates into main_grad (apex)
 
 
 @dataclass
@@ -55,6 +64,9 @@ class ParallelConfig:
     max_tokens_per_microbatch: Optional[int] = None  # set: packed (THD) micro-batches of at most this many tokens
     oversize_sequences: str = "alone"    # a sequence over the token budget: alone (own micro-batch) | error
     use_distributed_optimizer: bool = True
+    # split LayerNorm / residual / dropout activations over the TP ranks (auto: on when tp > 1);
+    # micro-batches are padded to a multiple of tp (x 2*cp with context parallelism)
+    sequence_parallel: Union[bool, str] = "auto"
     # how long a rank may wait in a collective (torch.distributed and megatron's groups); rank 0's
     # HTTP phases (weight-group formation, pause) sit between collectives. NCCL's default is 10
     distributed_timeout_minutes: int = 60
@@ -431,6 +443,16 @@ def validate(c: Config) -> None:
     _require(bool(c.model.student), "model.student", "must name a converted checkpoint or an HF directory")
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
     _choice(c.model.layer_impl, "model.layer_impl", ("auto", "te", "local", "local_sdpa"))
+    _choice(c.model.recompute, "model.recompute", ("none", "selective", "full"))
+    _choice(c.model.recompute_method, "model.recompute_method", ("uniform", "block"))
+    _require(c.model.recompute_num_layers >= 1, "model.recompute_num_layers",
+             f"must be >= 1, got {c.model.recompute_num_layers}")
+    for name in ("apply_rope_fusion", "bias_activation_fusion", "bias_dropout_fusion", "gradient_accumulation_fusion"):
+        _choice(getattr(c.model, name), f"model.{name}", (True, False, "auto"))
+    _choice(c.parallel.sequence_parallel, "parallel.sequence_parallel", (True, False, "auto"))
+    if c.parallel.sequence_parallel is True:
+        _require(c.parallel.tp > 1, "parallel.sequence_parallel", "needs tensor parallelism (parallel.tp > 1); "
+                                                                  "use auto or false")
     for name in ("tp", "pp", "cp", "micro_batch_size"):
         value = getattr(c.parallel, name)
         _require(value >= 1, f"parallel.{name}", f"must be >= 1, got {value}")
