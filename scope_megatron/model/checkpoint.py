@@ -188,7 +188,7 @@ def _same_on_all_ranks(problems: list[str]) -> list[str]:
     return sorted({p for rank_problems in gathered for p in (rank_problems or [])})
 
 
-def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path, sharded_strategy: Any = None) -> None:
     """Load ``ckpt_dir/model`` into this rank's model chunk, whatever layout it was saved at.
 
     Keys must match both ways, except ``*._extra_state`` keys: a checkpoint written without
@@ -198,6 +198,7 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     ``models/gpt/gpt_layer_specs.py:318-330``), and a TE-written one has some that a local build
     does not request. Those modules keep their initial extra state (no weights live in it).
     Anything else missing on either side raises :class:`CheckpointMismatchError` on every rank.
+    ``sharded_strategy``: a dist-checkpointing load strategy (None: megatron's default).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -212,6 +213,7 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     # terms "missing" = in the checkpoint, not requested; "unexpected" = requested, not in the checkpoint.
     try:
         state, ckpt_only, model_only = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir),
+                                                               sharded_strategy=sharded_strategy,
                                                                strict=StrictHandling.RETURN_ALL)
     except CheckpointException as err:  # a BaseException (torch/distributed/checkpoint/api.py:30)
         raise CheckpointReadError(f"checkpoint {model_dir} could not be read: "
