@@ -105,6 +105,10 @@ class RolloutConfig:
     retry_backoff_s: float = 0.5
     embedded_device: Optional[str] = None        # None: cpu without CUDA; on GPU it must be set (check_embedded_devices)
     embedded_max_batch_size: int = 32
+    # 0: generate, then train (exactly on-policy). N >= 1: the next batch is generated while
+    # this one trains (one batch ahead, so 1 version behind); batches more than N versions
+    # behind the trainer are regenerated
+    max_staleness: int = 0
 
 
 @dataclass
@@ -134,6 +138,9 @@ class AlgorithmConfig:
     mle_form: Optional[str] = None       # ratio | nll
     sampled_kl_coef: Optional[float] = None
     grpo_kl_beta: Optional[float] = None
+    # truncated importance sampling against the engine's log-probs (none | tis), its cap C
+    off_policy_correction: Optional[str] = None
+    tis_cap: Optional[float] = None
     # top-k KL to the teacher on the KL path (beyond the paper): forward | reverse (None: off)
     topk_kl: Optional[str] = None
     topk_tail: Optional[bool] = None     # add a "rest of the vocabulary" bucket to the top-k distributions
@@ -502,6 +509,10 @@ def validate(c: Config) -> None:
     _require(objective.grpo_kl_beta == 0, "algorithm.grpo_kl_beta",
              f"a KL to the initial policy needs a reference model, which this trainer does not run; "
              f"use 0 (got {objective.grpo_kl_beta})")
+    _require(c.rollout.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0, got {c.rollout.max_staleness}")
+    if c.rollout.max_staleness > 0:
+        _require(not c.supervised, "rollout.max_staleness",
+                 f"algorithm.preset={a.preset!r} trains on given text: there is no generation to overlap (use 0)")
     if a.updates_per_batch > 1 and objective.clip_eps is None:
         raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
     if objective.topk_kl != "none":

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scope-megatron train: {exc}", file=sys.stderr, flush=True)
         return 2
     except TrainingAborted as exc:
-        logger.error("training aborted at step %d: %s", trainer.step if hasattr(trainer, "step") else 0, exc)
+        logger.error("training aborted after step %d: %s", trainer.step, exc)
         print(f"scope-megatron train: ABORTED: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -46,3 +46,12 @@ class RolloutBatch:
     step: int
     trajectories: list[Trajectory]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and counters: step metrics
+
+    def versions_behind(self, policy_version: int) -> list[int] | None:
+        """Per trajectory, how many weight versions its engine's weights were behind
+        ``policy_version`` (the weights that train on it); None when an engine reports versions
+        that are not step numbers (SGLang's default version is "default")."""
+        try:
+            return [policy_version - int(t.weight_version) for t in self.trajectories]
+        except (TypeError, ValueError):
+            return None
