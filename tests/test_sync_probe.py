@@ -74,7 +74,7 @@ def _trainer(rank: int, world: int, trainer_dir: str, urls: dict, prompt_ids: li
     hf_io.load_hf_into_model(model, arch, reader)
     group = dist.new_group(backend="gloo")
     probe = make_probe(prompt_ids, "2", make_tiny_tokenizer(), PROBE_TOKENS)
-    real_export = hf_io.export_hf_tensors
+    real_export = hf_io.export_hf_tensors_to_rank0  # what WeightSync.sync streams
     results: dict = {}
 
     def sync(url: str, tolerance: float, broken: bool, log: str):
@@ -83,14 +83,14 @@ def _trainer(rank: int, world: int, trainer_dir: str, urls: dict, prompt_ids: li
                            master_address="127.0.0.1", flattened_bucket=False, timeout_s=120, verify=True,
                            tolerance=tolerance, probe=probe, api_key=None, log_path=Path(out_dir) / log,
                            device=torch.device("cpu"))
-        hf_io.export_hf_tensors = (lambda m, a: misspelt_layer_1(real_export(m, a))) if broken else real_export
+        hf_io.export_hf_tensors_to_rank0 = (lambda m, a: misspelt_layer_1(real_export(m, a))) if broken else real_export
         try:
             result = sync_.sync(step=1)
             return {"ok": True, "mean": result.probe_mean_abs_diff, "max": result.probe_max_abs_diff}
         except SyncError as exc:
             return {"ok": False, "error": str(exc)}
         finally:
-            hf_io.export_hf_tensors = real_export
+            hf_io.export_hf_tensors_to_rank0 = real_export
             sync_.close()
 
     # each engine starts from other weights; the broken sync first (it leaves layer 1 as it was)

@@ -6,7 +6,10 @@
 - :func:`load_hf_into_model` fills this rank's model chunk one parameter at a time.
 - :func:`export_hf_tensors` yields ``(hf_name, full tensor)`` for the whole model on every rank,
   gathering TP shards (all-gather) and PP stages (broadcast) one parameter at a time; the
-  vocabulary padding is stripped. Conversion writes these; weight sync sends them.
+  vocabulary padding is stripped. Conversion writes these.
+- :func:`export_hf_tensors_to_rank0` yields the same stream on global rank 0 only, each shard
+  moving once: only the first data-parallel replica takes part, and every TP rank of every
+  pipeline stage sends its own shards point to point to rank 0. Weight sync sends these.
 - :class:`SafetensorsShardWriter` writes them as HF does (shards + index past a size limit).
 """
 
@@ -170,6 +173,84 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
             if full is None:
                 full = torch.empty(_global_shape(pm, hf_shapes), dtype=out_dtype, device=device)
             dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
+        for hf_name, tensor in zip(pm.hf_names, global_to_hf(arch, pm, full)):
+            yield hf_name, tensor
+
+
+def _replica_coordinates(device: torch.device) -> dict[tuple[int, int], int]:
+    """{(pipeline stage, TP rank): global rank} of this rank's model-parallel replica (a small
+    all-gather over the replica's TP x PP group)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    mine = torch.tensor([ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()],
+                        dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    ranks = dist.get_process_group_ranks(group)
+    return {(int(c[0]), int(c[1])): ranks[i] for i, c in enumerate(everyone)}
+
+
+@torch.no_grad()
+def export_hf_tensors_to_rank0(model: torch.nn.Module, arch: ModelArch,
+                               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on global rank 0 only.
+
+    A collective over the first data-parallel (and context-parallel) replica: every rank calls it
+    and consumes the generator to the end; on every rank but 0 it yields nothing. Ranks of the
+    other replicas hold copies of the same parameters and return at once without communicating.
+    In the first replica, for each parameter in HF order, each TP rank of the stage that owns it
+    sends its shard (cast to ``dtype``) to rank 0 (``dist.send``; a replicated tensor, such as a
+    norm, only from TP rank 0), and rank 0 merges the shards as :func:`export_hf_tensors` does.
+    Every shard crosses the network once; no stage receives another stage's tensors.
+
+    Rank 0 must be the replica's TP rank 0 of pipeline stage 0 (megatron's rank order puts it
+    there). Memory on rank 0: the TP shards of one parameter and their merge.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return
+    rank = dist.get_rank()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    if rank == 0 and (tp_rank, pp_rank) != (0, 0):
+        raise RuntimeError(f"global rank 0 is TP rank {tp_rank} of pipeline stage {pp_rank}, expected TP rank 0 of "
+                           "stage 0 (megatron's default rank order)")
+    offset = layer_offset(model)
+    local_params = {}
+    for name, param in model.named_parameters():
+        pm = local_param_map(arch, name, offset)
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue  # the embedding is exported; the last stage's tied copy equals it
+        local_params[pm.megatron_name] = param
+    device = next(model.parameters()).device
+    out_dtype = dtype or model.config.params_dtype
+    coordinates = _replica_coordinates(device)
+    if rank != 0:
+        for pm in param_maps(arch):
+            if _owner_stage(pm, arch, pp) == pp_rank and (pm.kind != "replicated" or tp_rank == 0):
+                dist.send(local_params[pm.megatron_name].detach().to(out_dtype).contiguous(), dst=0)
+        return
+    hf_shapes = expected_hf_shapes(arch)
+    # every stage pads the vocabulary alike: rank 0's embedding shard gives the padded size
+    padded_vocab = local_params["embedding.word_embeddings.weight"].shape[0] * tp
+    for pm in param_maps(arch):
+        owner = _owner_stage(pm, arch, pp)
+        senders = [0] if pm.kind == "replicated" else list(range(tp))
+        local_shape = shard(pm, torch.empty(_global_shape(pm, hf_shapes), device="meta"), 0, tp, padded_vocab).shape
+        shards: list[torch.Tensor] = []
+        pending = []
+        for j in senders:
+            if owner == 0 and j == 0:
+                shards.append(local_params[pm.megatron_name].detach().to(out_dtype))
+                continue
+            buffer = torch.empty(local_shape, dtype=out_dtype, device=device)
+            pending.append(dist.irecv(buffer, src=coordinates[(owner, j)]))
+            shards.append(buffer)
+        for work in pending:
+            work.wait()
+        full = merge_shards(pm, shards, arch.vocab_size)  # a replicated tensor: its one copy
         for hf_name, tensor in zip(pm.hf_names, global_to_hf(arch, pm, full)):
             yield hf_name, tensor
 

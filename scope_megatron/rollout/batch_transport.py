@@ -190,11 +190,11 @@ def _rows_and_width(value: Any, what: str, t: Trajectory) -> tuple[int, int]:
             raise ValueError(f"trajectory (prompt {t.prompt_index}, sample {t.sample}): {what} has shape {shape}, "
                              "expected [rows, k]")
         return rows, shape[1]
-    width = len(value[0])
-    if any(len(row) != width for row in value):
+    widths = set(map(len, value))
+    if len(widths) != 1:
         raise ValueError(f"trajectory (prompt {t.prompt_index}, sample {t.sample}): {what} rows of different "
-                         f"lengths ({sorted({len(row) for row in value})})")
-    return rows, width
+                         f"lengths ({sorted(widths)})")
+    return rows, widths.pop()
 
 
 def _pack(batch: RolloutBatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

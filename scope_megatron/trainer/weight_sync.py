@@ -1,8 +1,12 @@
 """Weight sync after each optimizer step: Megatron shards -> HF tensors -> the student engines.
 
-Every rank iterates :func:`scope_megatron.model.hf_io.export_hf_tensors` (a collective: TP
-all-gather and PP broadcast per parameter, HF names and layouts, vocabulary padding
-stripped, the same mapping as ``checkpoints_tools``); global rank 0 feeds the stream to
+Every rank iterates :func:`scope_megatron.model.hf_io.export_hf_tensors_to_rank0` (a
+collective of the first data-parallel replica: each TP rank of each pipeline stage sends its
+shards point to point to global rank 0, which merges them into HF names and layouts with the
+vocabulary padding stripped, the same mapping as ``checkpoints_tools``; the other replicas
+only wait). Before it, :func:`finish_param_sync` completes megatron's overlapped parameter
+all-gather, if one is on, so the export reads the parameters of the step just taken. Global
+rank 0 feeds the stream to
 :class:`scope_megatron.rollout.weight_transfer.WeightTransfer`, which buckets it
 (``sync.bucket_mb``) and sends it through the broadcast group (NCCL on GPU, gloo on CPU) or
 as safetensors on a shared path, inside pause -> begin -> ... -> end -> continue, with
@@ -65,6 +69,32 @@ class SyncResult:
     num_tensors: int = 0
     probe_max_abs_diff: float = float("nan")
     probe_mean_abs_diff: float = float("nan")
+
+
+def finish_param_sync(ddp_model: Any) -> bool:
+    """Complete megatron's overlapped parameter all-gather, if ``overlap_param_gather`` is on.
+
+    With the distributed optimizer and ``overlap_param_gather``, ``optimizer.step()`` updates
+    each DP rank's shard of the main parameters and the all-gather that refreshes the model's
+    parameters runs later, bucket by bucket, from forward pre-hooks
+    (megatron/core/distributed/distributed_data_parallel.py ``_make_forward_pre_hook``). An
+    export straight after the step would read stale parameters, so each bucket group's
+    ``finish_param_sync`` runs here (param_and_grad_buffer.py: it dispatches the all-gather when
+    not yet dispatched, then waits); the next forward's hooks then find nothing left to do.
+    A collective over the DP ranks: every rank calls it. Returns whether there was anything to
+    finish (False for a model without megatron DDP or without the overlap).
+    """
+    chunks = ddp_model if isinstance(ddp_model, (list, tuple)) else [ddp_model]
+    finished = False
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None or not ddp_config.overlap_param_gather:
+            continue
+        with torch.no_grad():
+            for bucket_group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+                bucket_group.finish_param_sync(skip_next_bucket_dispatch=True)
+        finished = True
+    return finished
 
 
 def default_verify_tolerance(dtype: torch.dtype) -> float:
@@ -180,7 +210,7 @@ class WeightSync:
             raise SyncError(box[0])
 
     def sync(self, step: int) -> SyncResult:
-        from ..model.hf_io import export_hf_tensors
+        from ..model import hf_io
 
         result = SyncResult()
         start = time.monotonic()
@@ -194,7 +224,8 @@ class WeightSync:
                 logger.error("%s", error)
         # the other ranks wait here, on gloo with the control group's long timeout, not in an NCCL kernel
         dist.barrier(group=self.control_group)
-        stream = export_hf_tensors(self.model, self.arch)
+        finish_param_sync(self.ddp_model)
+        stream = hf_io.export_hf_tensors_to_rank0(self.model, self.arch)
         if self.is_controller and error is None:
             try:
                 stats = self.transfer.update(stream, weight_version=step)
@@ -204,10 +235,10 @@ class WeightSync:
                 error = (f"weight sync of step {step} to the student engines {self.engine_urls} failed: "
                          f"{type(exc).__name__}: {exc}")
                 logger.error("%s", error)
-            for _ in stream:  # keep the other ranks' collectives in step
+            for _ in stream:  # keep the other ranks' sends in step
                 pass
         else:
-            for _ in stream:
+            for _ in stream:  # yields nothing here: this rank sends its shards, or waits
                 pass
         self._agree(error)
         result.seconds = time.monotonic() - start
