@@ -94,3 +94,52 @@ def test_only_the_first_replica_communicates_and_only_rank0_receives(export_resu
                 assert got["calls"] == 0, (rank, key)
             else:  # the one small coordinate exchange of the replica, then sends only
                 assert got["all_gathers"] == 1, (rank, key)
+
+
+def _overlap_worker(rank: int, world: int, hf_dir: str) -> dict:
+    """One optimizer step (the same gradients on both DP ranks) with the distributed optimizer,
+    with and without megatron's overlapped parameter all-gather."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from scope_megatron.model import hf_io
+    from scope_megatron.model.arch import arch_from_hf_config, load_hf_config
+    from scope_megatron.model.builder import build_gpt_model
+    from scope_megatron.parallel import init_parallel
+    from scope_megatron.trainer.weight_sync import finish_param_sync
+
+    init_parallel(1, 1)  # DP 2
+    arch = arch_from_hf_config(load_hf_config(hf_dir))
+    out = {}
+    for overlap in (False, True):
+        model = build_gpt_model(arch, params_dtype=torch.float32, perform_initialization=False)
+        hf_io.load_hf_into_model(model, arch, hf_io.HFWeightReader(hf_dir, arch))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                                   overlap_param_gather=overlap)
+        ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True,
+                                                           params_dtype=torch.float32), [ddp_model])
+        gen = torch.Generator().manual_seed(5)
+        for _, p in sorted(model.named_parameters()):  # already reduced: the same on every DP rank
+            p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+        optimizer.step()
+        stale = sum(int(torch.equal(p, before[n])) for n, p in model.named_parameters())
+        out[overlap] = {"unchanged_before_finish": stale, "finished": finish_param_sync(ddp_model),
+                        "weights": {n: t.clone() for n, t in hf_io.export_hf_tensors_to_rank0(model, arch)},
+                        "num_params": len(before)}
+    return out
+
+
+def test_finish_param_sync_completes_the_overlapped_gather(tmp_path):
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
+
+    hf_dir = str(save_tiny_hf_model(tmp_path / "hf", family="qwen3", seed=4, with_tokenizer=False))
+    plain, overlapped = run_ranks(_overlap_worker, world_size=2, args=(hf_dir,), timeout=200)[0].values()
+    assert not plain["finished"] and plain["unchanged_before_finish"] == 0
+    assert overlapped["finished"]
+    # before finishing, the parameters whose shard the other DP rank updated are still the old ones
+    assert 0 < overlapped["unchanged_before_finish"] < overlapped["num_params"]
+    assert plain["weights"].keys() == overlapped["weights"].keys()
+    for name, tensor in plain["weights"].items():
+        assert torch.equal(overlapped["weights"][name], tensor), name
