@@ -8,8 +8,13 @@ Entry points
 - ``config``: the one typed config, validated at startup.
 
 Training
-- ``trainer``: the SCOPE loop (rollouts -> old log-probs -> plan -> train step -> weight sync),
-  the rollout controller, batching, checkpoints, metrics.
+- ``trainer``: the SCOPE loop. ``trainer.loop`` (``Trainer``: setup, ``run``, the step),
+  ``trainer.state`` (``RunState``, checkpointed whole; ``StopRequest``), ``trainer.learner``
+  (model, optimizer, the two passes), ``trainer.rollout_source`` (rank 0 collects, every rank
+  receives; generation one batch ahead), ``trainer.engines`` (embedded engines, the controller's
+  connections), ``trainer.step_metrics`` (a step's metrics), ``trainer.controller`` (one step's
+  rollouts, teacher scores, rewards), ``trainer.batching``, ``trainer.weight_sync``,
+  ``trainer.checkpointing``, ``trainer.metrics`` / ``trainer.sinks`` (where metrics go).
 - ``objective``: the SCOPE math (routing, group weights, vocab-parallel log-probs, loss).
 - ``batch``: the micro-batch types (``MicroBatch``, ``PackedMicroBatch``) and context-parallel splits.
 - ``packing``: packed micro-batches by token budget, balanced over data-parallel ranks.
