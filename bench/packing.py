@@ -111,12 +111,12 @@ def time_steps(lengths: list[int], args) -> dict:
         ids = torch.randint(1, arch.vocab_size, (n + 1,), generator=gen)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[n // 4:] = True  # a quarter prompt
-        seqs.append({"tokens": ids[:-1], "targets": ids[1:], "mask": mask})
-    total = float(sum(int(s["mask"].sum()) for s in seqs))
+        seqs.append({"tokens": ids[:-1], "targets": ids[1:], "response_mask": mask})
+    total = float(sum(int(s["response_mask"].sum()) for s in seqs))
 
     def loss_fn(logits, mb):
-        lp = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=arch.vocab_size, check_finite=False)
-        return -(lp * mb.extras["mask"]).sum() / total, {}
+        lp = vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=arch.vocab_size, check_finite=False)
+        return -(lp * mb.fields.response_mask).sum() / total, {}
 
     layouts = {
         "padded": [pad_sequences([seqs[i] for i in g]) for g in padded_groups(lengths, args.micro_batch_size, False)],

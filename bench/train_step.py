@@ -97,7 +97,7 @@ def _summary(times: list[float], tokens: int, fpt: float) -> dict:
 
 
 def bench_megatron(cfg: dict, args, dtype: torch.dtype) -> dict:
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
     from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model, resolve_layer_impl
@@ -112,10 +112,10 @@ def bench_megatron(cfg: dict, args, dtype: torch.dtype) -> dict:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
     n_tokens = args.micro_batch * args.seq_len
-    mb = MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:]}, n_tokens)
+    mb = MicroBatch(tokens[:, :-1], TokenFields(targets=tokens[:, 1:]), n_tokens)
 
     def loss_fn(logits, batch):
-        return -vocab_parallel_logprobs(logits, batch.extras["targets"], vocab_size=arch.vocab_size).sum() / n_tokens, {}
+        return -vocab_parallel_logprobs(logits, batch.fields.targets, vocab_size=arch.vocab_size).sum() / n_tokens, {}
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -1,8 +1,10 @@
 """Micro-batch types: what the batch builders produce and the megatron schedule consumes.
 
-- :class:`MicroBatch`: padded rows, ``tokens`` [b, s] and per-token extras [b, s, ...];
+- :class:`MicroBatch`: padded rows, ``tokens`` [b, s] and :class:`TokenFields` [b, s, ...];
 - :class:`PackedMicroBatch`: sequences packed into one row, ``tokens`` [1, T] with ``cu_seqlens``
-  (THD), optionally one context-parallel rank's share of it (:func:`context_parallel_index`).
+  (THD), optionally one context-parallel rank's share of it (:func:`context_parallel_index`);
+- :class:`TokenFields`: what a micro-batch carries besides its tokens, the one definition of the
+  per-token inputs of the loss and of which trajectory each row / token belongs to.
 
 :mod:`scope_megatron.packing` and :mod:`scope_megatron.trainer.batching` build them;
 :mod:`scope_megatron.megatron_step` runs them (``forward_micro_batch`` picks the attention path).
@@ -10,17 +12,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
+class TokenFields:
+    """The per-token tensors of one micro-batch, in its layout: [b, s] padded, [1, T] packed.
+
+    Every per-token field has the tokens' shape (``teacher_topk_*`` add a trailing K) and is zero
+    (False) on padding and on filler micro-batches; None when the run does not use it. Position i
+    holds the values for predicting ``targets[i]`` from ``tokens[:i + 1]`` of its sequence.
+    """
+
+    targets: torch.Tensor | None = None                # [b, s] / [1, T] int64: the next token at each position
+    response_mask: torch.Tensor | None = None          # bool: True where targets is a response token (loss tokens)
+    teacher_logprobs: torch.Tensor | None = None       # float32: the teacher's log p(targets)
+    rollout_logprobs: torch.Tensor | None = None       # float32: the rollout engine's log p(targets) (metrics)
+    teacher_topk_ids: torch.Tensor | None = None       # [..., K] int64: the teacher's top-k token ids
+    teacher_topk_logprobs: torch.Tensor | None = None  # [..., K] float32: and their log-probs
+    # [b] padded (one per row) / [n] packed (one per sequence) int64: indices into the step's
+    # global trajectory list (what BatchPlan.select takes)
+    trajectory_index: torch.Tensor | None = None
+    # packed only, [1, T] int64: each token's sequence within the row (0..n-1; padding belongs to
+    # the slot it pads), so trajectory_index[token_trajectory] is each token's global trajectory
+    token_trajectory: torch.Tensor | None = None
+
+    # the fields with one entry per token (sliced like the tokens by a context-parallel split)
+    PER_TOKEN = ("targets", "response_mask", "teacher_logprobs", "rollout_logprobs", "teacher_topk_ids",
+                 "teacher_topk_logprobs", "token_trajectory")
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the fields that are set."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def map(self, fn, per_token_only: bool = False) -> "TokenFields":
+        """A copy with ``fn`` applied to every set field (only the per-token ones with ``per_token_only``)."""
+        return TokenFields(**{name: fn(value) if not per_token_only or name in self.PER_TOKEN else value
+                              for name, value in self.items()})
+
+    def to(self, device: torch.device | str) -> "TokenFields":
+        return self.map(lambda value: value.to(device))
+
+    def trajectory_of_tokens(self) -> torch.Tensor:
+        """Each token's global trajectory index, the tokens' shape ([b, s] padded, [1, T] packed)."""
+        if self.trajectory_index is None:
+            raise ValueError("these fields carry no trajectory_index")
+        if self.token_trajectory is not None:
+            return self.trajectory_index[self.token_trajectory]
+        return self.trajectory_index[:, None].expand(self.targets.shape[:2])
+
+
+@dataclass
 class MicroBatch:
-    """One micro-batch: token ids [b, s], and whatever the loss needs (same leading dims)."""
+    """One micro-batch: token ids [b, s], and what the loss needs (:class:`TokenFields`, same leading dims)."""
 
     tokens: torch.Tensor  # [b, s] int64
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    fields: TokenFields = field(default_factory=TokenFields)
     num_loss_tokens: int = 0  # tokens that carry a loss term (for megatron's token counter)
     # Position in the list handed to run_forward / train_step: they set it on the copy a loss or
     # output function receives, so per-micro-batch inputs computed earlier can be looked up by it.
@@ -32,8 +82,7 @@ class MicroBatch:
         return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                          self.num_loss_tokens, self.index)
+        return MicroBatch(self.tokens.to(device), self.fields.to(device), self.num_loss_tokens, self.index)
 
 
 PACKED_ATTENTION_MODES = ("auto", "thd", "mask")
@@ -41,7 +90,7 @@ PACKED_ATTENTION_MODES = ("auto", "thd", "mask")
 
 @dataclass
 class PackedMicroBatch(MicroBatch):
-    """Sequences packed into one row: ``tokens`` [1, T]; per-token extras [1, T]; per-sequence extras [n].
+    """Sequences packed into one row: ``tokens`` [1, T]; per-token fields [1, T]; ``trajectory_index`` [n].
 
     Sequence i occupies the slot ``cu_seqlens_padded[i] : cu_seqlens_padded[i + 1]`` of the row;
     its real tokens are the first ``cu_seqlens[i + 1] - cu_seqlens[i]`` of the slot, the rest of the
@@ -158,8 +207,7 @@ class PackedMicroBatch(MicroBatch):
         return (~allowed)[None, None]
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
-        return PackedMicroBatch(self.tokens.to(device), {k: v.to(device) for k, v in self.extras.items()},
-                                self.num_loss_tokens, self.index, self.cu_seqlens, self.cu_seqlens_padded,
+        return PackedMicroBatch(self.tokens.to(device), self.fields.to(device), self.num_loss_tokens, self.index, self.cu_seqlens, self.cu_seqlens_padded,
                                 self.attention, self.cp_size, self.cp_rank)
 
 

@@ -11,7 +11,7 @@ Three steps, all deterministic (every rank computes the same plan from the same 
    the same number of micro-batches -- megatron's schedule and the gradient all-reduce need that --
    so a rank with less work gets *filler* micro-batches (below).
 3. :func:`pack_sequences` concatenates one micro-batch's sequences into a single row
-   (:class:`~scope_megatron.batch.PackedMicroBatch`: tokens [1, T], per-token extras
+   (:class:`~scope_megatron.batch.PackedMicroBatch`: tokens [1, T], per-token fields
    [1, T], ``cu_seqlens``), and :func:`unpack` cuts any per-token output ([1, T, ...] or [T, ...])
    back into per-sequence tensors.
 
@@ -26,19 +26,21 @@ micro-batches: its tokens attend to each other; context parallelism is the way t
 at all), its extra micro-batches repeat the globally shortest sequence with every per-token value
 zeroed except the tokens and targets (so the loss mask is all False), and ``num_loss_tokens = 0``.
 They run the forward and backward like any other micro-batch, so no rank waits on another, and
-contribute exactly zero to the loss and the gradient. Their ``rows`` extra still names that
+contribute exactly zero to the loss and the gradient. Their ``trajectory_index`` still names that
 sequence, so a loss function that looks up per-sequence coefficients works unchanged.
 
 Loss denominators stay global (see ``megatron_step``): how the sequences are grouped changes
 nothing but the order of floating-point sums.
 
-Per-token extras of a packed micro-batch:
+Input sequences are dicts of per-token tensors: ``"tokens"`` [L] and any of
+:class:`~scope_megatron.batch.TokenFields`' per-token fields ([L] or [L, ...]) by name. The
+micro-batch's :class:`~scope_megatron.batch.TokenFields` then hold:
 
-* every per-token key of the input sequences, [1, T] (or [1, T, ...]), zero (False) on padding;
-* ``"token_trajectory"`` [1, T] int64: the index (0..n-1) of the sequence each token belongs to
+* every per-token field of the input sequences, [1, T] (or [1, T, ...]), zero (False) on padding;
+* ``token_trajectory`` [1, T] int64: the index (0..n-1) of the sequence each token belongs to
   (padding belongs to the slot it pads) -- ``objective_loss(..., token_trajectory=...)`` with
-  ``coefficients = plan.select(extras["rows"])``;
-* ``"rows"`` [n] int64: the sequences' indices in the global batch (when given).
+  ``coefficients = plan.select(fields.trajectory_index)``;
+* ``trajectory_index`` [n] int64: the sequences' indices in the global batch (when given).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .batch import MicroBatch, PackedMicroBatch, context_parallel_index
+from .batch import MicroBatch, PackedMicroBatch, TokenFields, context_parallel_index
 
 logger = logging.getLogger(__name__)
 _oversize_warned = False  # the oversize warning is logged once per process (every step would repeat it)
@@ -83,21 +85,30 @@ def round_up(n: int, multiple: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], token_key: str) -> list[int]:
+TOKEN_KEY = "tokens"
+# what a sequence dict may hold besides its tokens: TokenFields' per-token fields except the one
+# the packer writes itself
+SEQUENCE_KEYS = tuple(name for name in TokenFields.PER_TOKEN if name != "token_trajectory")
+
+
+def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
     if not sequences:
         raise ValueError("nothing to pack: no sequences")
     keys = set(sequences[0])
-    if token_key not in keys:
-        raise ValueError(f"sequences need a {token_key!r} entry")
+    if TOKEN_KEY not in keys:
+        raise ValueError(f"sequences need a {TOKEN_KEY!r} entry")
+    unknown = keys - {TOKEN_KEY, *SEQUENCE_KEYS}
+    if unknown:
+        raise ValueError(f"sequence keys {sorted(unknown)} are not TokenFields per-token fields {SEQUENCE_KEYS}")
     lengths = []
     for i, seq in enumerate(sequences):
         if set(seq) != keys:
             raise ValueError(f"sequence {i} has keys {sorted(seq)}, sequence 0 has {sorted(keys)}")
-        n = seq[token_key].numel()
+        n = seq[TOKEN_KEY].numel()
         if n < 1:
             raise ValueError(f"sequence {i} is empty")
         for key, value in seq.items():
-            if value.dim() < 1 or value.shape[0] != n or (key == token_key and value.dim() != 1):
+            if value.dim() < 1 or value.shape[0] != n or (key == TOKEN_KEY and value.dim() != 1):
                 raise ValueError(f"sequence {i}: {key!r} must be [{n}] or [{n}, ...] (one row per token), "
                                  f"got {tuple(value.shape)}")
             if value.shape[1:] != sequences[0][key].shape[1:]:
@@ -107,48 +118,49 @@ def _check_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], token_key:
     return lengths
 
 
-def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, rows: Sequence[int] | None = None,
-                   token_key: str = "tokens", mask_key: str | None = "mask", pad_id: int = 0,
-                   seq_multiple: int = 1, total_multiple: int = 1, attention: str = "auto") -> PackedMicroBatch:
+def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *,
+                   trajectory_index: Sequence[int] | None = None, pad_id: int = 0, seq_multiple: int = 1,
+                   total_multiple: int = 1, attention: str = "auto") -> PackedMicroBatch:
     """Concatenate sequences (dicts of per-token tensors of equal length) into one packed row.
 
     Args:
-        sequences: per sequence, ``{token_key: ids [L], other per-token tensors [L] or [L, ...]}``
-            (e.g. a teacher's top-k ids [L, K]); they become [1, T] / [1, T, ...] extras.
-        rows: the sequences' indices in the global batch (stored as ``extras["rows"]``).
-        mask_key: the boolean loss mask; ``num_loss_tokens`` is its sum (0 without one).
-        pad_id: token id of padding tokens.
+        sequences: per sequence, ``{"tokens": ids [L], TokenFields per-token field: [L] or [L, ...]}``
+            (e.g. a teacher's top-k ids [L, K]); they become [1, T] / [1, T, ...] fields.
+        trajectory_index: the sequences' indices in the global batch (``fields.trajectory_index``).
+        pad_id: token id of padding tokens. ``num_loss_tokens`` is the sum of ``response_mask``
+            (0 without one).
         seq_multiple: pad each sequence's slot to a multiple of this (e.g. 2 * CP for context
             parallelism); recorded in ``cu_seqlens_padded``.
         total_multiple: pad the row to a multiple of this (e.g. TP with sequence parallelism);
             the extra tokens extend the last slot.
         attention: ``PackedMicroBatch.attention``.
     """
-    lengths = _check_sequences(sequences, token_key)
-    if rows is not None and len(rows) != len(sequences):
-        raise ValueError(f"{len(rows)} rows for {len(sequences)} sequences")
+    lengths = _check_sequences(sequences)
+    if trajectory_index is not None and len(trajectory_index) != len(sequences):
+        raise ValueError(f"{len(trajectory_index)} trajectory indices for {len(sequences)} sequences")
     slots = [round_up(n, seq_multiple) for n in lengths]
     total = sum(slots)
     slots[-1] += round_up(total, total_multiple) - total
     total = sum(slots)
     out: dict[str, torch.Tensor] = {}
     for key, first in sequences[0].items():
-        fill = pad_id if key == token_key else 0
+        fill = pad_id if key == TOKEN_KEY else 0
         row = torch.full((total, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
         start = 0
         for seq, n, slot in zip(sequences, lengths, slots):
             row[start:start + n] = seq[key]
             start += slot
         out[key] = row.unsqueeze(0)
-    tokens = out.pop(token_key)
-    out["token_trajectory"] = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(slots)).unsqueeze(0)
-    if rows is not None:
-        out["rows"] = torch.tensor(list(rows), dtype=torch.long)
-    num_loss_tokens = int(out[mask_key].sum()) if mask_key is not None and mask_key in out else 0
+    tokens = out.pop(TOKEN_KEY)
+    fields = TokenFields(**out, token_trajectory=torch.repeat_interleave(torch.arange(len(slots)),
+                                                                         torch.tensor(slots)).unsqueeze(0),
+                         trajectory_index=None if trajectory_index is None else
+                         torch.tensor(list(trajectory_index), dtype=torch.long))
+    num_loss_tokens = int(fields.response_mask.sum()) if fields.response_mask is not None else 0
     zero = torch.zeros(1, dtype=torch.int32)
     cu = torch.cat([zero, torch.tensor(lengths).cumsum(0).to(torch.int32)])
     cu_padded = torch.cat([zero, torch.tensor(slots).cumsum(0).to(torch.int32)])
-    return PackedMicroBatch(tokens, out, num_loss_tokens, cu_seqlens=cu,
+    return PackedMicroBatch(tokens, fields, num_loss_tokens, cu_seqlens=cu,
                             cu_seqlens_padded=cu_padded if slots != lengths else None, attention=attention)
 
 
@@ -172,8 +184,8 @@ def shard_for_context_parallel(mb: PackedMicroBatch, cp_size: int, cp_rank: int)
     """This CP rank's part of a packed row: chunks r and 2cp-1-r of every slot (cut in 2cp chunks).
 
     The row must have been packed with ``seq_multiple`` a multiple of ``2 * cp_size``. Per-token
-    extras ([1, T]) are sliced like the tokens; per-sequence extras (``rows``) and ``cu_seqlens``
-    stay whole; ``num_loss_tokens`` becomes this rank's share of the loss mask (``mask`` extra).
+    fields ([1, T]) are sliced like the tokens; ``trajectory_index`` [n] and ``cu_seqlens`` stay
+    whole; ``num_loss_tokens`` becomes this rank's share of ``response_mask``.
     """
     if mb.cp_size != 1:
         raise ValueError("this micro-batch is already split for context parallelism")
@@ -184,11 +196,11 @@ def shard_for_context_parallel(mb: PackedMicroBatch, cp_size: int, cp_rank: int)
                          f"pack with seq_multiple={2 * cp_size}")
     total = mb.tokens.shape[1]
     index = context_parallel_index(mb.slot_bounds, cp_size, cp_rank).to(mb.tokens.device)
-    extras = {k: (v[:, index] if v.dim() >= 2 and v.shape[:2] == (1, total) else v) for k, v in mb.extras.items()}
-    loss_tokens = int(extras["mask"].sum()) if "mask" in extras else 0
+    fields = mb.fields.map(lambda v: v[:, index], per_token_only=True)
+    loss_tokens = int(fields.response_mask.sum()) if fields.response_mask is not None else 0
     if mb.num_loss_tokens == 0:
         loss_tokens = 0
-    return PackedMicroBatch(mb.tokens[:, index], extras, loss_tokens, cu_seqlens=mb.cu_seqlens,
+    return PackedMicroBatch(mb.tokens[:, index], fields, loss_tokens, cu_seqlens=mb.cu_seqlens,
                             cu_seqlens_padded=mb.cu_seqlens_padded, attention=mb.attention, cp_size=cp_size,
                             cp_rank=cp_rank)
 
@@ -217,25 +229,26 @@ def gather_from_context_parallel(values: torch.Tensor, mb: PackedMicroBatch, gro
     return out
 
 
-def pad_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, token_key: str = "tokens",
-                  mask_key: str | None = "mask", pad_id: int = 0, rows: Sequence[int] | None = None,
-                  length_multiple: int = 1) -> MicroBatch:
+def pad_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, pad_id: int = 0,
+                  trajectory_index: Sequence[int] | None = None, length_multiple: int = 1) -> MicroBatch:
     """The padded layout of the same sequences: a plain :class:`MicroBatch` [n, max L] (right padding),
     the width rounded up to ``length_multiple`` (e.g. TP with sequence parallelism)."""
-    lengths = _check_sequences(sequences, token_key)
+    lengths = _check_sequences(sequences)
+    if trajectory_index is not None and len(trajectory_index) != len(sequences):
+        raise ValueError(f"{len(trajectory_index)} trajectory indices for {len(sequences)} sequences")
     width = round_up(max(lengths), length_multiple)
     out = {}
     for key, first in sequences[0].items():
-        fill = pad_id if key == token_key else 0
+        fill = pad_id if key == TOKEN_KEY else 0
         stacked = torch.full((len(sequences), width, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
         for i, seq in enumerate(sequences):
             stacked[i, :lengths[i]] = seq[key]
         out[key] = stacked
-    tokens = out.pop(token_key)
-    if rows is not None:
-        out["rows"] = torch.tensor(list(rows), dtype=torch.long)
-    num_loss_tokens = int(out[mask_key].sum()) if mask_key is not None and mask_key in out else 0
-    return MicroBatch(tokens, out, num_loss_tokens)
+    tokens = out.pop(TOKEN_KEY)
+    fields = TokenFields(**out, trajectory_index=None if trajectory_index is None else
+                         torch.tensor(list(trajectory_index), dtype=torch.long))
+    num_loss_tokens = int(fields.response_mask.sum()) if fields.response_mask is not None else 0
+    return MicroBatch(tokens, fields, num_loss_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,15 +393,14 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, 
 
 def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], *, max_tokens: int, dp: int = 1,
                                dp_rank: int = 0, oversize: Oversize = "alone", balance: Balance = "karmarkar_karp",
-                               token_key: str = "tokens", mask_key: str | None = "mask",
-                               keep_nonzero: Sequence[str] = ("targets",), pad_id: int = 0, seq_multiple: int = 1,
+                               pad_id: int = 0, seq_multiple: int = 1,
                                total_multiple: int = 1, attention: str = "auto",
                                plan: MicroBatchPlan | None = None, cp_size: int = 1,
                                cp_rank: int = 0) -> list[PackedMicroBatch]:
     """This DP rank's packed micro-batches for the global batch ``sequences`` (same on every rank).
 
-    ``keep_nonzero``: per-token keys a filler micro-batch keeps as they are (valid target ids);
-    every other per-token extra of a filler is zeroed, so its loss mask is empty.
+    A filler micro-batch keeps its sequence's tokens and targets (valid ids) and zeroes every
+    other per-token field, so its loss mask is empty.
 
     With a ``plan`` (from :func:`plan_micro_batches` on the sequences' lengths) only this rank's
     sequences (and a filler's) are read: ``sequences`` may then be a lazy sequence that builds
@@ -401,7 +413,7 @@ def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], 
     if cp_size > 1:
         seq_multiple = seq_multiple * (2 * cp_size) // math.gcd(seq_multiple, 2 * cp_size)
     if plan is None:
-        lengths = _check_sequences(sequences, token_key)
+        lengths = _check_sequences(sequences)
         plan = plan_micro_batches(lengths, max_tokens=max_tokens, dp=dp, oversize=oversize, balance=balance,
                                   seq_multiple=seq_multiple)
     if len(plan.micro_batches) != dp or not 0 <= dp_rank < dp:
@@ -409,13 +421,13 @@ def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], 
     out = []
     for members in plan.micro_batches[dp_rank]:
         if members:
-            out.append(pack_sequences([sequences[i] for i in members], rows=members, token_key=token_key,
-                                      mask_key=mask_key, pad_id=pad_id, seq_multiple=seq_multiple,
+            out.append(pack_sequences([sequences[i] for i in members], trajectory_index=members,
+                                      pad_id=pad_id, seq_multiple=seq_multiple,
                                       total_multiple=total_multiple, attention=attention))
             continue
-        filler = {key: value if key in (token_key, *keep_nonzero) else torch.zeros_like(value)
+        filler = {key: value if key in (TOKEN_KEY, "targets") else torch.zeros_like(value)
                   for key, value in sequences[plan.shortest].items()}
-        mb = pack_sequences([filler], rows=[plan.shortest], token_key=token_key, mask_key=mask_key, pad_id=pad_id,
+        mb = pack_sequences([filler], trajectory_index=[plan.shortest], pad_id=pad_id,
                             seq_multiple=seq_multiple, total_multiple=total_multiple, attention=attention)
         mb.num_loss_tokens = 0
         out.append(mb)

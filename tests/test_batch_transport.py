@@ -69,7 +69,7 @@ def _step_tensors(trajectories, topk: int, packed: bool) -> list[dict[str, torch
 
     data = build_step_data(trajectories, dp=2, dp_rank=1, micro_batch_size=2, pad_id=0,
                            max_tokens_per_microbatch=64 if packed else None, teacher_topk=topk)
-    out = [{"tokens": mb.tokens, **mb.extras} for mb in data.micro_batches]
+    out = [{"tokens": mb.tokens, **dict(mb.fields.items())} for mb in data.micro_batches]
     out.append({"group_ids": data.group_ids, "lengths": data.response_lengths, "correct": data.correct,
                 "rewards": data.rewards, "teacher_mean": data.teacher_logprob_mean})
     return out

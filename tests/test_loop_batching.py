@@ -18,7 +18,8 @@ from scope_megatron.trainer.batching import build_step_data
 
 
 K = 3  # the teacher's top-k per response token
-PER_TOKEN = ("targets", "mask", "teacher_lp", "rollout_lp", "teacher_topk_ids", "teacher_topk_lp")
+PER_TOKEN = ("targets", "response_mask", "teacher_logprobs", "rollout_logprobs", "teacher_topk_ids",
+             "teacher_topk_logprobs")
 
 
 def _trajectories(n: int = 11, seed: int = 0) -> list[Trajectory]:
@@ -49,19 +50,20 @@ def _expected(t: Trajectory) -> dict[str, torch.Tensor]:
     topk_ids, topk_lp = torch.zeros(n, K), torch.zeros(n, K)
     topk_ids[start:start + r] = torch.tensor(t.teacher_topk_ids, dtype=torch.float32)
     topk_lp[start:start + r] = torch.tensor(t.teacher_topk_logprobs)
-    return {"tokens": torch.tensor(seq[:-1]), "targets": torch.tensor(seq[1:]), "mask": mask,
-            "teacher_lp": teacher, "rollout_lp": rollout, "teacher_topk_ids": topk_ids, "teacher_topk_lp": topk_lp}
+    return {"tokens": torch.tensor(seq[:-1]), "targets": torch.tensor(seq[1:]), "response_mask": mask,
+            "teacher_logprobs": teacher, "rollout_logprobs": rollout, "teacher_topk_ids": topk_ids,
+            "teacher_topk_logprobs": topk_lp}
 
 
 def _seen_padded(data) -> dict[int, dict[str, torch.Tensor]]:
     seen = {}
     for mb in data.micro_batches:
-        for i, row in enumerate(mb.extras["rows"].tolist()):
-            if not mb.extras["mask"][i].any():
+        for i, row in enumerate(mb.fields.trajectory_index.tolist()):
+            if not mb.fields.response_mask[i].any():
                 continue  # the zero-weight micro-batch of a rank without trajectories
-            n = int(mb.extras["mask"][i].nonzero().max()) + 1  # real tokens end with the last response token
+            n = int(mb.fields.response_mask[i].nonzero().max()) + 1  # real tokens end with the last response token
             assert row not in seen
-            seen[row] = {"tokens": mb.tokens[i, :n], **{k: mb.extras[k][i, :n] for k in PER_TOKEN}}
+            seen[row] = {"tokens": mb.tokens[i, :n], **{k: getattr(mb.fields, k)[i, :n] for k in PER_TOKEN}}
     return seen
 
 
@@ -94,27 +96,27 @@ def test_packed_layout_holds_every_trajectory_once(dp, cp, budget):
         for m in range(per_rank[d, 0].num_micro_batches):
             shards = [per_rank[d, c].micro_batches[m] for c in range(cp)]
             assert all(s.cp_size == cp and s.cp_rank == c for c, s in enumerate(shards))
-            assert sum(s.num_loss_tokens for s in shards) == sum(int(s.extras["mask"].sum()) for s in shards)
+            assert sum(s.num_loss_tokens for s in shards) == sum(int(s.fields.response_mask.sum()) for s in shards)
             whole = shards[0]
             values = {}
             for key in (*PER_TOKEN, "token_trajectory"):
                 if cp == 1:
-                    values[key] = whole.extras[key][0]
+                    values[key] = getattr(whole.fields, key)[0]
                 else:  # what gather_from_context_parallel does over a CP group, done by hand
-                    local = whole.extras[key][0]
+                    local = getattr(whole.fields, key)[0]
                     full = torch.empty((int(whole.slot_bounds[-1]), *local.shape[1:]), dtype=local.dtype)
                     for c, s in enumerate(shards):
-                        full[s.local_index()] = s.extras[key][0]
+                        full[s.local_index()] = getattr(s.fields, key)[0]
                     values[key] = full
             tokens = torch.empty(int(whole.slot_bounds[-1]), dtype=torch.long)
             for s in shards:
                 tokens[s.local_index()] = s.tokens[0]
-            if not values["mask"].any():
+            if not values["response_mask"].any():
                 assert all(s.num_loss_tokens == 0 for s in shards)
                 continue  # a filler
             # token_trajectory indexes the micro-batch's rows, which are global trajectory indices
-            rows = whole.extras["rows"].tolist()
-            owner = whole.extras["rows"][values["token_trajectory"]]
+            rows = whole.fields.trajectory_index.tolist()
+            owner = whole.fields.trajectory_index[values["token_trajectory"]]
             for i, (row, toks) in enumerate(zip(rows, unpack(tokens, whole))):
                 assert row not in seen
                 got = {"tokens": toks, **{k: unpack(values[k], whole)[i] for k in PER_TOKEN}}
@@ -169,5 +171,5 @@ def test_a_rank_builds_tensors_only_for_its_own_trajectories(monkeypatch):
     for rank in range(4):
         built.clear()
         data = build_step_data(trajs, dp=4, dp_rank=rank, micro_batch_size=2, pad_id=0, max_tokens_per_microbatch=48)
-        mine = sorted(r for mb in data.micro_batches if mb.num_loss_tokens for r in mb.extras["rows"].tolist())
+        mine = sorted(r for mb in data.micro_batches if mb.num_loss_tokens for r in mb.fields.trajectory_index.tolist())
         assert sorted(built) == mine and 0 < len(mine) < len(trajs)

@@ -18,20 +18,20 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _batch(vocab: int, seed: int):
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (2, 9), generator=gen)
     mask = torch.ones(2, 8)
     mask[:, :3] = 0
-    return [MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:], "mask": mask}, int(mask.sum()))]
+    return [MicroBatch(tokens[:, :-1], TokenFields(targets=tokens[:, 1:], response_mask=mask), int(mask.sum()))]
 
 
 def _nll(logits, mb, vocab, total):
     from scope_megatron.objective import vocab_parallel_logprobs
 
-    lp = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab)
-    return -(lp * mb.extras["mask"]).sum() / total, {}
+    lp = vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=vocab)
+    return -(lp * mb.fields.response_mask).sum() / total, {}
 
 
 def _weights(model, arch):

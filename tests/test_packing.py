@@ -19,24 +19,24 @@ def _seqs(lengths, seed=0):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[n // 2:] = True
         out.append({"tokens": torch.randint(1, 100, (n,), generator=gen),
-                    "targets": torch.randint(1, 100, (n,), generator=gen), "mask": mask,
-                    "teacher_lp": -torch.rand(n, generator=gen), "weight": torch.full((n,), float(i + 1))})
+                    "targets": torch.randint(1, 100, (n,), generator=gen), "response_mask": mask,
+                    "teacher_logprobs": -torch.rand(n, generator=gen), "rollout_logprobs": torch.full((n,), float(i + 1))})
     return out
 
 
 def test_pack_layout_and_unpack_round_trip():
     seqs = _seqs([3, 5, 1, 2])
-    mb = pack_sequences(seqs, rows=[7, 2, 9, 4])
+    mb = pack_sequences(seqs, trajectory_index=[7, 2, 9, 4])
     assert mb.tokens.shape == (1, 11)
     assert mb.cu_seqlens.tolist() == [0, 3, 8, 9, 11] and mb.cu_seqlens.dtype == torch.int32
     assert mb.cu_seqlens_padded is None and mb.max_seqlen == 5
     assert mb.tokens[0].tolist() == torch.cat([s["tokens"] for s in seqs]).tolist()
-    assert mb.extras["token_trajectory"][0].tolist() == [0] * 3 + [1] * 5 + [2] + [3] * 2
-    assert mb.extras["rows"].tolist() == [7, 2, 9, 4]
+    assert mb.fields.token_trajectory[0].tolist() == [0] * 3 + [1] * 5 + [2] + [3] * 2
+    assert mb.fields.trajectory_index.tolist() == [7, 2, 9, 4]
     assert mb.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 0, 1]
-    assert mb.num_loss_tokens == sum(int(s["mask"].sum()) for s in seqs)
-    for key in ("targets", "mask", "teacher_lp", "weight"):
-        for piece, seq in zip(unpack(mb.extras[key], mb), seqs):
+    assert mb.num_loss_tokens == sum(int(s["response_mask"].sum()) for s in seqs)
+    for key in ("targets", "response_mask", "teacher_logprobs", "rollout_logprobs"):
+        for piece, seq in zip(unpack(getattr(mb.fields, key), mb), seqs):
             assert torch.equal(piece, seq[key])
     # [T, ...] outputs (e.g. [1, T, V] logits) unpack too
     logits = torch.randn(1, 11, 6)
@@ -52,8 +52,8 @@ def test_pack_padded_slots():
     assert mb.cu_seqlens_padded.tolist() == [0, 4, 12, 24]
     assert mb.tokens.shape == (1, 24) and mb.max_seqlen == 12
     assert mb.tokens[0, 3].item() == 0 and mb.tokens[0, 12:14].tolist() == seqs[2]["tokens"].tolist()
-    assert not mb.extras["mask"][0, 3] and int(mb.extras["mask"].sum()) == mb.num_loss_tokens
-    for piece, seq in zip(unpack(mb.extras["targets"], mb), seqs):
+    assert not mb.fields.response_mask[0, 3] and int(mb.fields.response_mask.sum()) == mb.num_loss_tokens
+    for piece, seq in zip(unpack(mb.fields.targets, mb), seqs):
         assert torch.equal(piece, seq["targets"])
     params = mb.packed_seq_params()
     assert params.qkv_format == "thd" and params.max_seqlen_q == 12
@@ -79,19 +79,22 @@ def test_packed_micro_batch_validates():
     with pytest.raises(ValueError, match="empty"):
         pack_sequences([{"tokens": torch.zeros(0, dtype=torch.long)}])
     with pytest.raises(ValueError, match=r"must be \[3\] or \[3, \.\.\.\] \(one row per token\)"):
-        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "mask": torch.zeros(2)}])
-    with pytest.raises(ValueError, match="per-token shape"):  # [L, K] extras must agree on K
-        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "ids": torch.zeros(3, 4)},
-                        {"tokens": torch.zeros(2, dtype=torch.long), "ids": torch.zeros(2, 5)}])
+        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "response_mask": torch.zeros(2)}])
+    with pytest.raises(ValueError, match="per-token shape"):  # [L, K] fields must agree on K
+        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "teacher_topk_ids": torch.zeros(3, 4)},
+                        {"tokens": torch.zeros(2, dtype=torch.long), "teacher_topk_ids": torch.zeros(2, 5)}])
+    with pytest.raises(ValueError, match="not TokenFields per-token fields"):  # a misspelt field fails loudly
+        pack_sequences([{"tokens": torch.zeros(3, dtype=torch.long), "mask": torch.zeros(3)}])
     moved = pack_sequences(_seqs([2, 3]), attention="mask").to("cpu")
     assert isinstance(moved, PackedMicroBatch) and moved.attention == "mask" and moved.cu_seqlens.tolist() == [0, 2, 5]
 
 
 def test_pad_sequences_is_the_padded_layout():
     seqs = _seqs([3, 5])
-    mb = pad_sequences(seqs, rows=[0, 1])
-    assert mb.tokens.shape == (2, 5) and mb.extras["mask"].shape == (2, 5)
-    assert not mb.extras["mask"][0, 3:].any() and mb.num_loss_tokens == int(sum(s["mask"].sum() for s in seqs))
+    mb = pad_sequences(seqs, trajectory_index=[0, 1])
+    assert mb.tokens.shape == (2, 5) and mb.fields.response_mask.shape == (2, 5)
+    assert not mb.fields.response_mask[0, 3:].any()
+    assert mb.num_loss_tokens == int(sum(s["response_mask"].sum() for s in seqs))
 
 
 def test_karmarkar_karp_partition():
@@ -161,10 +164,10 @@ def test_fillers_when_a_rank_has_no_sequences():
     fillers = [mbs[0] for mbs in per_rank if mbs[0].num_loss_tokens == 0]
     assert len(fillers) == 1
     filler = fillers[0]
-    assert not filler.extras["mask"].any() and not filler.extras["weight"].any()
-    assert filler.extras["rows"].tolist() == [1]  # the shortest sequence, loss-free
-    assert torch.equal(filler.tokens[0], seqs[1]["tokens"]) and torch.equal(filler.extras["targets"][0], seqs[1]["targets"])
-    real = sorted(int(r) for mbs in per_rank for mb in mbs if mb.num_loss_tokens for r in mb.extras["rows"])
+    assert not filler.fields.response_mask.any() and not filler.fields.rollout_logprobs.any()
+    assert filler.fields.trajectory_index.tolist() == [1]  # the shortest sequence, loss-free
+    assert torch.equal(filler.tokens[0], seqs[1]["tokens"]) and torch.equal(filler.fields.targets[0], seqs[1]["targets"])
+    real = sorted(int(r) for mbs in per_rank for mb in mbs if mb.num_loss_tokens for r in mb.fields.trajectory_index)
     assert real == [0, 1, 2]
 
 
@@ -179,33 +182,42 @@ def test_packed_objective_loss_equals_padded():
     coeffs = TrajectoryCoefficients(mle_weight=torch.rand(n, generator=gen), kl_weight=torch.rand(n, generator=gen),
                                     advantage=torch.zeros(n), on_mle_path=torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool),
                                     on_kl_path=torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool))
-    total = int(sum(s["mask"].sum() for s in seqs))
+    total = int(sum(s["response_mask"].sum() for s in seqs))
     denominators = GlobalDenominators(response_tokens=total, mle_tokens=total // 2, kl_tokens=total - 3, groups=2,
                                       trajectories=n)
     config = ObjectiveConfig()
+    # the current log-probs travel as the rollout engine's field, lp_old is placed by hand below
+    old_lp = []
     for s in seqs:
-        s["lp"] = -torch.rand(s["tokens"].numel(), generator=gen) - 0.1
-        s["old_lp"] = s["lp"] + 0.05 * torch.randn(s["tokens"].numel(), generator=gen)
+        s["rollout_logprobs"] = -torch.rand(s["tokens"].numel(), generator=gen) - 0.1
+        old_lp.append(s["rollout_logprobs"] + 0.05 * torch.randn(s["tokens"].numel(), generator=gen))
 
     def run(mb, **kw):
-        lp = mb.extras["lp"].clone().requires_grad_(True)
-        sel = TrajectoryCoefficients(*(getattr(coeffs, f)[mb.extras["rows"]] for f in
+        lp = mb.fields.rollout_logprobs.clone().requires_grad_(True)
+        rows = mb.fields.trajectory_index
+        lp_old = torch.zeros_like(lp)
+        if isinstance(mb, PackedMicroBatch):  # no slot padding: the sequences one after another
+            lp_old[0] = torch.cat([old_lp[i] for i in rows.tolist()])
+        else:
+            for b, i in enumerate(rows.tolist()):
+                lp_old[b, :old_lp[i].numel()] = old_lp[i]
+        sel = TrajectoryCoefficients(*(getattr(coeffs, f)[rows] for f in
                                        ("mle_weight", "kl_weight", "advantage", "on_mle_path", "on_kl_path")))
-        out = objective_loss(config, sel, denominators, logprobs=lp, response_mask=mb.extras["mask"],
-                             old_logprobs=mb.extras["old_lp"], teacher_logprobs=mb.extras["teacher_lp"], **kw)
+        out = objective_loss(config, sel, denominators, logprobs=lp, response_mask=mb.fields.response_mask,
+                             old_logprobs=lp_old, teacher_logprobs=mb.fields.teacher_logprobs, **kw)
         out.loss.backward()
         return out.loss, lp.grad
 
     order = [3, 0, 4, 2, 1]  # packed in another order than the rows
-    packed = pack_sequences([seqs[i] for i in order], rows=order)
-    loss_p, grad_p = run(packed, token_trajectory=packed.extras["token_trajectory"])
-    padded = pad_sequences(seqs, rows=list(range(n)))
+    packed = pack_sequences([seqs[i] for i in order], trajectory_index=order)
+    loss_p, grad_p = run(packed, token_trajectory=packed.fields.token_trajectory)
+    padded = pad_sequences(seqs, trajectory_index=list(range(n)))
     loss_d, grad_d = run(padded)
     torch.testing.assert_close(loss_p, loss_d, rtol=1e-6, atol=0)
     for piece, i in zip(unpack(grad_p, packed), order):
         torch.testing.assert_close(piece, grad_d[i, :seqs[i]["tokens"].numel()], rtol=1e-6, atol=1e-9)
     # scrambling which trajectory a token belongs to changes the loss (so the check has teeth)
-    wrong = packed.extras["token_trajectory"].flip(-1)
+    wrong = packed.fields.token_trajectory.flip(-1)
     loss_w, _ = run(packed, token_trajectory=wrong)
     assert abs(loss_w.item() - loss_d.item()) > 1e-4
 
@@ -214,23 +226,23 @@ def test_context_parallel_split_layout():
     from scope_megatron.packing import shard_for_context_parallel
 
     seqs = _seqs([8, 3])
-    mb = pack_sequences(seqs, rows=[0, 1], seq_multiple=4)  # slots 8 and 4 (the second padded by 1)
+    mb = pack_sequences(seqs, trajectory_index=[0, 1], seq_multiple=4)  # slots 8 and 4 (the second padded by 1)
     parts = [shard_for_context_parallel(mb, 2, r) for r in range(2)]
     # 2 * cp = 4 chunks per slot; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
     expected = [[0, 1, 6, 7, 8, 11], [2, 3, 4, 5, 9, 10]]
     for r, part in enumerate(parts):
         assert part.local_index().tolist() == expected[r]
         assert torch.equal(part.tokens[0], mb.tokens[0, expected[r]])
-        for key in ("targets", "mask", "token_trajectory", "weight"):
-            assert torch.equal(part.extras[key][0], mb.extras[key][0, expected[r]])
-        assert torch.equal(part.extras["rows"], mb.extras["rows"])
+        for key in ("targets", "response_mask", "token_trajectory", "rollout_logprobs"):
+            assert torch.equal(getattr(part.fields, key)[0], getattr(mb.fields, key)[0, expected[r]])
+        assert torch.equal(part.fields.trajectory_index, mb.fields.trajectory_index)
         assert torch.equal(part.cu_seqlens, mb.cu_seqlens) and torch.equal(part.cu_seqlens_padded, mb.cu_seqlens_padded)
         assert part.position_ids[0].tolist() == [p - (0 if p < 8 else 8) for p in expected[r]]
     assert sum(p.num_loss_tokens for p in parts) == mb.num_loss_tokens
     with pytest.raises(ValueError, match="multiples of 2 \\* cp"):
         shard_for_context_parallel(pack_sequences(seqs), 2, 0)
     with pytest.raises(ValueError, match="gather context-parallel outputs first"):
-        unpack(parts[0].extras["targets"], parts[0])
+        unpack(parts[0].fields.targets, parts[0])
     with pytest.raises(NotImplementedError):
         parts[0].block_causal_mask()
     # build_packed_micro_batches pads slots to 2 * cp by itself

@@ -27,7 +27,7 @@ WORLD = 4
 
 
 def _sequences(vocab: int, shapes=SHAPES) -> list[dict[str, torch.Tensor]]:
-    """tokens / targets / mask / weight per sequence: P + R - 1 positions, loss on the R response targets."""
+    """tokens / targets / response mask per sequence: P + R - 1 positions, loss on the R response targets."""
     gen = torch.Generator().manual_seed(11)
     seqs = []
     for i, (p, r) in enumerate(shapes):
@@ -36,18 +36,21 @@ def _sequences(vocab: int, shapes=SHAPES) -> list[dict[str, torch.Tensor]]:
         n = p + r - 1
         mask = torch.zeros(n, dtype=torch.bool)
         mask[p - 1:] = True
-        # a per-trajectory weight broadcast to its tokens (unpacked to the wrong tokens -> wrong loss)
-        weight = torch.full((n,), 1.0 + 0.25 * i)
-        seqs.append({"tokens": ids[:-1], "targets": ids[1:], "mask": mask, "weight": weight})
+        seqs.append({"tokens": ids[:-1], "targets": ids[1:], "response_mask": mask})
     return seqs
+
+
+def _weight(trajectory):
+    """A per-trajectory loss weight (looked up for the wrong tokens -> wrong loss): 1 + 0.25 i."""
+    return 1.0 + 0.25 * trajectory
 
 
 def _loss_share(logits, mb, vocab: int, total: float):
     from scope_megatron.objective import vocab_parallel_logprobs
 
-    lp = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab)
-    share = -(lp * mb.extras["weight"] * mb.extras["mask"]).sum() / total
-    return share, {"tokens": mb.extras["mask"].sum()}
+    lp = vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=vocab)
+    share = -(lp * _weight(mb.fields.trajectory_of_tokens()) * mb.fields.response_mask).sum() / total
+    return share, {"tokens": mb.fields.response_mask.sum()}
 
 
 def _run(arch, ckpt, impl, micro_batches, total, logprobs: bool = False, options=None):
@@ -66,17 +69,18 @@ def _run(arch, ckpt, impl, micro_batches, total, logprobs: bool = False, options
     per_seq = {}
     if logprobs:
         outs = run_forward(model, micro_batches, lambda logits, mb: vocab_parallel_logprobs(
-            logits, mb.extras["targets"], vocab_size=arch.vocab_size))
+            logits, mb.fields.targets, vocab_size=arch.vocab_size))
         for mb, lp in zip(micro_batches, outs):
             if isinstance(mb, PackedMicroBatch):
                 full_lp = gather_from_context_parallel(lp, mb)  # a collective: every CP rank, every micro-batch
-                if not gather_from_context_parallel(mb.extras["mask"], mb).any():
+                if not gather_from_context_parallel(mb.fields.response_mask, mb).any():
                     continue  # a filler
                 pieces = unpack(full_lp, mb)
                 lengths = mb.seq_lengths.tolist()
             else:
-                pieces, lengths = list(lp), mb.extras["length"].tolist()
-            for row, piece, n in zip(mb.extras["rows"].tolist(), pieces, lengths):
+                # every response runs to the end of its sequence: the last loss token ends it
+                pieces, lengths = list(lp), [int(row.nonzero().max()) + 1 for row in mb.fields.response_mask]
+            for row, piece, n in zip(mb.fields.trajectory_index.tolist(), pieces, lengths):
                 per_seq[row] = piece[:n].clone()
     ddp, opt, sched = wrap_for_training(model, lr=LR, clip_grad=1e6, use_distributed_optimizer=False)
     res = train_step(ddp, opt, sched, micro_batches, partial(_loss_share, vocab=arch.vocab_size, total=total))
@@ -90,9 +94,7 @@ def _run(arch, ckpt, impl, micro_batches, total, logprobs: bool = False, options
 def _padded(seqs, rows, length_multiple: int = 1):
     from scope_megatron.packing import pad_sequences
 
-    mb = pad_sequences([seqs[i] for i in rows], rows=rows, length_multiple=length_multiple)
-    mb.extras["length"] = torch.tensor([seqs[i]["tokens"].numel() for i in rows])
-    return mb
+    return pad_sequences([seqs[i] for i in rows], trajectory_index=rows, length_multiple=length_multiple)
 
 
 def _worker(rank: int, world: int, ckpt: str) -> dict:
@@ -106,7 +108,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict:
         layout = init_parallel(tp, 1)
         arch, _ = checkpoint.read_meta(ckpt)
         seqs = _sequences(arch.vocab_size)
-        total = float(sum(s["mask"].sum() for s in seqs))
+        total = float(sum(s["response_mask"].sum() for s in seqs))
         # padded baseline: sequences dealt round-robin, two padded micro-batches per rank
         mine = list(range(len(seqs)))[layout.dp_rank::layout.dp]
         half = (len(mine) + 1) // 2
@@ -133,7 +135,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict:
     layout = init_parallel(1, 1)
     arch, _ = checkpoint.read_meta(ckpt)
     one = _sequences(arch.vocab_size)[:1]
-    total = float(one[0]["mask"].sum())
+    total = float(one[0]["response_mask"].sum())
     packed = build_packed_micro_batches(one, max_tokens=64, dp=layout.dp, dp_rank=layout.dp_rank)
     out["filler_counts"] = [mb.num_loss_tokens for mb in packed]
     out["filler"] = _run(arch, ckpt, "local_sdpa", packed, total)
@@ -144,7 +146,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict:
         layout = init_parallel(tp, pp, cp=cp)
         assert (layout.cp, layout.dp) == (cp, world // (tp * pp * cp))
         seqs = _sequences(arch.vocab_size)
-        total = float(sum(s["mask"].sum() for s in seqs))
+        total = float(sum(s["response_mask"].sum() for s in seqs))
         packed = build_packed_micro_batches(seqs, max_tokens=BUDGETS[1], dp=layout.dp, dp_rank=layout.dp_rank,
                                             cp_size=cp, cp_rank=layout.cp_rank)
         res = _run(arch, ckpt, "local_sdpa", packed, total, logprobs=True)
@@ -192,12 +194,12 @@ def _hf_reference(hf_dir, shapes=SHAPES) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     seqs = _sequences(model.config.vocab_size, shapes)
-    total = sum(s["mask"].sum() for s in seqs)
+    total = sum(s["response_mask"].sum() for s in seqs)
     loss, logprobs = 0.0, {}
     for i, s in enumerate(seqs):
         logp = model(s["tokens"][None]).logits[0].log_softmax(-1).gather(-1, s["targets"][:, None])[:, 0]
         logprobs[i] = logp.detach()
-        loss = loss + -(logp * s["weight"] * s["mask"]).sum() / total
+        loss = loss + -(logp * _weight(i) * s["response_mask"]).sum() / total
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())).item()
     return {"loss": loss.item(), "grad_norm": grad_norm, "logprobs": logprobs, "tokens": float(total)}

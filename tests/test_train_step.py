@@ -26,14 +26,14 @@ def _global_batch(vocab: int) -> list[dict[str, torch.Tensor]]:
         tokens = torch.randint(0, vocab, (n + 1,), generator=gen)
         mask = torch.ones(n)
         mask[: 1 + i] = 0  # a prompt of 1 + i tokens carries no loss
-        seqs.append({"tokens": tokens[:-1], "targets": tokens[1:], "mask": mask})
+        seqs.append({"tokens": tokens[:-1], "targets": tokens[1:], "response_mask": mask})
     return seqs
 
 
 def _pad_stack(seqs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     longest = max(s["tokens"].numel() for s in seqs)
     out = {}
-    for key in ("tokens", "targets", "mask"):
+    for key in ("tokens", "targets", "response_mask"):
         rows = [torch.nn.functional.pad(s[key], (0, longest - s[key].numel())) for s in seqs]
         out[key] = torch.stack(rows)
     return out
@@ -43,15 +43,15 @@ def _nll_share(logits: torch.Tensor, mb, vocab: int, total_tokens: int):
     """This micro-batch's share of the token-mean NLL: sum(-log p * mask) / global loss tokens."""
     from scope_megatron.objective import vocab_parallel_logprobs
 
-    logprobs = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab)  # [b, s]
-    share = -(logprobs * mb.extras["mask"]).sum() / total_tokens
-    return share, {"tokens": mb.extras["mask"].sum()}
+    logprobs = vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=vocab)  # [b, s]
+    share = -(logprobs * mb.fields.response_mask).sum() / total_tokens
+    return share, {"tokens": mb.fields.response_mask.sum()}
 
 
 def _train_worker(rank: int, world: int, ckpt: str) -> dict:
     from functools import partial
 
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
     from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
@@ -67,14 +67,15 @@ def _train_worker(rank: int, world: int, ckpt: str) -> dict:
         ddp_model, optimizer, scheduler = wrap_for_training(model, lr=LR, weight_decay=WD, clip_grad=CLIP,
                                                  adam_eps=ADAM_EPS, use_distributed_optimizer=dist_opt)
         seqs = _global_batch(arch.vocab_size)
-        total_tokens = int(sum(s["mask"].sum() for s in seqs))
+        total_tokens = int(sum(s["response_mask"].sum() for s in seqs))
         mine = seqs[layout.dp_rank::layout.dp]  # this DP rank's sequences
         per_mb = -(-len(mine) // n_mb)
         micro_batches = []
         for i in range(0, len(mine), per_mb):
             stacked = _pad_stack(mine[i:i + per_mb])
-            micro_batches.append(MicroBatch(stacked["tokens"], {"targets": stacked["targets"], "mask": stacked["mask"]},
-                                            int(stacked["mask"].sum())))
+            micro_batches.append(MicroBatch(stacked["tokens"], TokenFields(targets=stacked["targets"],
+                                                                             response_mask=stacked["response_mask"]),
+                                            int(stacked["response_mask"].sum())))
         assert len(micro_batches) == n_mb
         result = train_step(ddp_model, optimizer, scheduler, micro_batches,
                             partial(_nll_share, vocab=arch.vocab_size, total_tokens=total_tokens))
@@ -93,11 +94,11 @@ def _reference_step(hf_dir) -> dict:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     initial = {n: p.detach().clone() for n, p in model.state_dict().items()}
     seqs = _global_batch(model.config.vocab_size)
-    total_tokens = sum(s["mask"].sum() for s in seqs)
+    total_tokens = sum(s["response_mask"].sum() for s in seqs)
     loss = 0.0
     for s in seqs:
         logp = model(s["tokens"][None]).logits[0].log_softmax(-1)
-        loss = loss + -(logp.gather(-1, s["targets"][:, None])[:, 0] * s["mask"]).sum() / total_tokens
+        loss = loss + -(logp.gather(-1, s["targets"][:, None])[:, 0] * s["response_mask"]).sum() / total_tokens
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
     # megatron's default: no weight decay on biases and 1-D parameters (norms)
@@ -135,7 +136,7 @@ def test_one_step_matches_single_process_reference(layout, step_results):
 
 
 def _schedule_worker(rank: int, world: int) -> list[float]:
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
     from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model
@@ -148,10 +149,10 @@ def _schedule_worker(rank: int, world: int) -> list[float]:
     ddp, opt, sched = wrap_for_training(build_gpt_model(arch), lr=1e-3, lr_warmup_steps=2, lr_decay_style="cosine",
                                         lr_decay_steps=6, min_lr=1e-5)
     tokens = torch.randint(0, arch.vocab_size, (2, 9))
-    mb = MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:]}, 16)
+    mb = MicroBatch(tokens[:, :-1], TokenFields(targets=tokens[:, 1:]), 16)
 
     def loss_fn(logits, batch):
-        return -vocab_parallel_logprobs(logits, batch.extras["targets"], vocab_size=arch.vocab_size).sum() / 16, {}
+        return -vocab_parallel_logprobs(logits, batch.fields.targets, vocab_size=arch.vocab_size).sum() / 16, {}
 
     return [train_step(ddp, opt, sched, [mb], loss_fn).learning_rate for _ in range(7)]
 

@@ -38,7 +38,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _guard_worker(rank: int, world: int, dist_opt: bool) -> dict:
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
     from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model.arch import arch_from_hf_config
     from scope_megatron.model.builder import build_gpt_model
@@ -50,11 +50,11 @@ def _guard_worker(rank: int, world: int, dist_opt: bool) -> dict:
     arch = arch_from_hf_config(tiny_hf_config("qwen3").to_dict())
     gen = torch.Generator().manual_seed(5 + rank)
     tokens = torch.randint(0, arch.vocab_size, (2, 9), generator=gen)
-    mb = MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:]}, 16)
+    mb = MicroBatch(tokens[:, :-1], TokenFields(targets=tokens[:, 1:]), 16)
 
     def loss_fn(poison: float):
         def fn(logits, batch):
-            share = -vocab_parallel_logprobs(logits, batch.extras["targets"], vocab_size=arch.vocab_size).sum() / 32
+            share = -vocab_parallel_logprobs(logits, batch.fields.targets, vocab_size=arch.vocab_size).sum() / 32
             # only rank 1 sees the bad batch: the DP all-reduce carries it to every rank's gradient
             return share * (poison if rank == 1 else 1.0), {}
         return fn

@@ -67,7 +67,7 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
     import torch
     from tqdm import tqdm
 
-    from scope_megatron.batch import MicroBatch
+    from scope_megatron.batch import MicroBatch, TokenFields
     from scope_megatron.megatron_step import train_step, wrap_for_training
     from scope_megatron.model import checkpoint
     from scope_megatron.model.builder import build_gpt_model
@@ -95,10 +95,10 @@ def _train(ckpt: Path, out: Path, steps: int, lr: float) -> list[float]:
         total = int(mask.sum())
 
         def loss_fn(logits, mb):
-            logprobs = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=arch.vocab_size)
-            return -(logprobs * mb.extras["mask"]).sum() / total, {}
+            logprobs = vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=arch.vocab_size)
+            return -(logprobs * mb.fields.response_mask).sum() / total, {}
 
-        mb = MicroBatch(tokens[:, :-1], {"targets": tokens[:, 1:], "mask": mask}, total)
+        mb = MicroBatch(tokens[:, :-1], TokenFields(targets=tokens[:, 1:], response_mask=mask), total)
         result = train_step(ddp_model, optimizer, scheduler, [mb], loss_fn)
         losses.append(result.loss)
         bar.set_postfix(loss=f"{result.loss:.3f}", grad_norm=f"{result.grad_norm:.2f}")

@@ -55,19 +55,15 @@ def old_logprobs(ddp_model, data: StepData, *, vocab_size: int, temperature: flo
     from ..megatron_step import run_forward
 
     def output_fn(logits, mb):
-        return vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab_size, temperature=temperature,
+        return vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=vocab_size, temperature=temperature,
                                        check_finite=False).detach()
 
     outputs = run_forward(ddp_model, data.micro_batches, output_fn)
     per_micro_batch = [lp.cpu() for lp in outputs]
     sums = torch.zeros(data.num_trajectories, dtype=torch.float64)
     for mb, lp in zip(data.micro_batches, per_micro_batch):
-        mask = mb.extras["mask"]
-        if "token_trajectory" in mb.extras:  # packed: each token's trajectory within the micro-batch
-            trajectory = mb.extras["rows"][mb.extras["token_trajectory"]]
-        else:
-            trajectory = mb.extras["rows"][:, None].expand_as(mask)
-        sums.index_add_(0, trajectory[mask], lp[mask].double())
+        mask = mb.fields.response_mask
+        sums.index_add_(0, mb.fields.trajectory_of_tokens()[mask], lp[mask].double())
     if ps.get_tensor_model_parallel_rank() != 0:
         sums.zero_()
     sums = sums.to(device)
@@ -87,23 +83,24 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
     """
 
     def loss_fn(logits, mb):
+        fields = mb.fields
         topk = None
         if use_topk:
-            out = vocab_parallel_topk_kl(logits, mb.extras["targets"], mb.extras["teacher_topk_ids"],
-                                         mb.extras["teacher_topk_lp"], vocab_size=vocab_size,
+            out = vocab_parallel_topk_kl(logits, fields.targets, fields.teacher_topk_ids,
+                                         fields.teacher_topk_logprobs, vocab_size=vocab_size,
                                          direction=objective.topk_kl, tail=objective.topk_tail,
                                          temperature=temperature, return_entropy=True, check_finite=False)
             lp, topk, entropy = out.target_logprobs, out.topk_kl, out.entropy
         else:
-            lp, entropy = vocab_parallel_logprobs(logits, mb.extras["targets"], vocab_size=vocab_size,
+            lp, entropy = vocab_parallel_logprobs(logits, fields.targets, vocab_size=vocab_size,
                                                   temperature=temperature, return_entropy=True, check_finite=False)
         old = None if old_logprobs is None else old_logprobs.per_micro_batch[mb.index].to(logits.device)
-        coefficients = plan.select(mb.extras["rows"].cpu()).to(logits.device)
-        out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=mb.extras["mask"],
+        coefficients = plan.select(fields.trajectory_index.cpu()).to(logits.device)
+        out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=fields.response_mask,
                              old_logprobs=old,
-                             teacher_logprobs=None if supervised else mb.extras["teacher_lp"],
-                             rollout_logprobs=None if supervised else mb.extras["rollout_lp"], entropy=entropy,
-                             topk_kl=topk, token_trajectory=mb.extras.get("token_trajectory"), check_finite=False)
+                             teacher_logprobs=None if supervised else fields.teacher_logprobs,
+                             rollout_logprobs=None if supervised else fields.rollout_logprobs, entropy=entropy,
+                             topk_kl=topk, token_trajectory=fields.token_trajectory, check_finite=False)
         return out.loss, out.metrics
 
     return loss_fn

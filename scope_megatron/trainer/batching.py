@@ -12,10 +12,12 @@ then takes its own share of the trajectories, in one of two layouts:
   THD rows of at most ``max_tokens_per_microbatch`` tokens ([1, T], ``cu_seqlens``; attention
   stays inside each trajectory), every rank with the same number of micro-batches; with context
   parallelism each row is split over the CP ranks (megatron's load-balanced 2-chunk layout).
-  Per-token extras are [1, T] and ``token_trajectory`` names each token's trajectory.
+  Per-token fields are [1, T] and ``token_trajectory`` names each token's trajectory.
 
-Either way the per-token extras are ``targets``, ``mask`` (response tokens), ``teacher_lp``,
-``rollout_lp``, plus ``rows`` (the global indices of the micro-batch's trajectories).
+Either way each micro-batch's :class:`~scope_megatron.batch.TokenFields` hold ``targets``,
+``response_mask``, ``teacher_logprobs``, ``rollout_logprobs`` (and with top-k
+``teacher_topk_ids`` / ``teacher_topk_logprobs``), plus ``trajectory_index`` (the global indices
+of the micro-batch's trajectories).
 
 Token layout of one trajectory (prompt P tokens, response R tokens)::
 
@@ -91,7 +93,8 @@ def filter_trajectories(trajectories: list[Trajectory], filter_uniform_groups: b
 
 
 def _sequence(t: Trajectory, empty: bool = False, topk: int = 0) -> dict[str, torch.Tensor]:
-    """One trajectory's per-token tensors (P + R - 1 positions); ``empty``: no loss tokens;
+    """One trajectory's per-token tensors (P + R - 1 positions, keyed by TokenFields' field names);
+    ``empty``: no loss tokens;
     ``topk``: also the teacher's top-k ids / log-probs [P + R - 1, topk] (zero outside the response)."""
     seq = t.prompt_ids + t.response_ids
     n = len(seq) - 1
@@ -105,13 +108,13 @@ def _sequence(t: Trajectory, empty: bool = False, topk: int = 0) -> dict[str, to
     if len(t.rollout_logprobs) == r:
         rollout[start:start + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
     out = {"tokens": torch.tensor(seq[:-1], dtype=torch.long), "targets": torch.tensor(seq[1:], dtype=torch.long),
-           "mask": mask, "teacher_lp": teacher, "rollout_lp": rollout}
+           "response_mask": mask, "teacher_logprobs": teacher, "rollout_logprobs": rollout}
     if topk:
         ids = torch.zeros((n, topk), dtype=torch.long)
         logprobs = torch.zeros((n, topk), dtype=torch.float32)
         ids[start:start + r] = torch.tensor(t.teacher_topk_ids, dtype=torch.long).reshape(r, topk)
         logprobs[start:start + r] = torch.tensor(t.teacher_topk_logprobs, dtype=torch.float32).reshape(r, topk)
-        out["teacher_topk_ids"], out["teacher_topk_lp"] = ids, logprobs
+        out["teacher_topk_ids"], out["teacher_topk_logprobs"] = ids, logprobs
     return out
 
 
@@ -133,7 +136,7 @@ def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: b
                  topk: int = 0, length_multiple: int = 1) -> MicroBatch:
     """A padded micro-batch [b, max length rounded up to length_multiple] (right padding; padding
     positions carry no loss)."""
-    return pad_sequences([_sequence(t, empty, topk) for t in trajs], rows=rows, pad_id=pad_id,
+    return pad_sequences([_sequence(t, empty, topk) for t in trajs], trajectory_index=rows, pad_id=pad_id,
                          length_multiple=length_multiple)
 
 
@@ -163,7 +166,7 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     ``max_tokens_per_microbatch=None`` forms padded micro-batches of ``micro_batch_size``
     trajectories; a budget forms packed ones (``oversize``: what to do with a trajectory longer
     than the budget, see :mod:`scope_megatron.packing`). ``cp_size > 1`` needs a budget.
-    ``teacher_topk > 0`` adds the per-token extras ``teacher_topk_ids`` / ``teacher_topk_lp``
+    ``teacher_topk > 0`` adds the per-token fields ``teacher_topk_ids`` / ``teacher_topk_logprobs``
     ([..., teacher_topk]) from each trajectory's teacher top-k rows, whose shape
     (``R`` rows of ``teacher_topk``) the rollout controller checked when they arrived.
     ``length_multiple``: every micro-batch's sequence dimension (padded s, packed T before the CP

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..batch import MicroBatch
+from ..batch import MicroBatch, TokenFields
 from ..megatron_step import run_forward
 
 logger = logging.getLogger(__name__)
@@ -138,13 +138,13 @@ def trainer_probe_logprobs(model: Any, probe: Probe, vocab_size: int, device: to
     targets = torch.tensor([seq[1:]], dtype=torch.long)
     cp = ps.get_context_parallel_world_size()
     if cp > 1:
-        packed = pack_sequences([{"tokens": tokens[0], "targets": targets[0]}], mask_key=None, seq_multiple=2 * cp)
+        packed = pack_sequences([{"tokens": tokens[0], "targets": targets[0]}], seq_multiple=2 * cp)
         mb: MicroBatch = shard_for_context_parallel(packed, cp, ps.get_context_parallel_rank())
     else:
-        mb = MicroBatch(tokens, {"targets": targets}, 0)
+        mb = MicroBatch(tokens, TokenFields(targets=targets), 0)
 
     def output_fn(logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-        return vocab_parallel_logprobs(logits, micro.extras["targets"], vocab_size=vocab_size,
+        return vocab_parallel_logprobs(logits, micro.fields.targets, vocab_size=vocab_size,
                                        check_finite=False).detach()
 
     outputs = run_forward(model, [mb], output_fn)
