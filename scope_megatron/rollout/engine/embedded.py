@@ -119,7 +119,10 @@ class EmbeddedEngine(WeightUpdates, Scheduler):
     # ------------------------------------------------------------------ requests
     def prepare(self, req: GenRequest) -> None:
         """Check ``req`` against this model (prompt ids, lengths, log-prob fields, stop strings),
-        cap its ``max_new_tokens`` by the context, and seed its generator."""
+        cap its ``max_new_tokens`` by the context, and seed its generator. While the weights or
+        the KV cache are released a request takes the server down, as on SGLang
+        (:meth:`~.weights.WeightUpdates.check_memory_resident`)."""
+        self.check_memory_resident("a generate request")
         p = req.params
         prompt_len = len(req.prompt_ids)
         if prompt_len == 0:

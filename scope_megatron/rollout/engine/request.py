@@ -36,6 +36,11 @@ class EngineConfig:
     served_model_name: str | None = None
     attn_implementation: str = "sdpa"
     enable_deterministic_inference: bool = False  # honour sampling_seed (SGLang's flag of that name)
+    # SGLang's --enable-memory-saver: /release_memory_occupation frees the weights (and KV cache);
+    # without it the release only records the tags and frees nothing (its no-op adapter)
+    enable_memory_saver: bool = False
+    # SGLang's --enable-weights-cpu-backup: the released weights come back with their values on resume
+    enable_weights_cpu_backup: bool = False
 
 
 @dataclass

@@ -6,13 +6,20 @@
 - :func:`receive_broadcast` receives one ``update_weights_from_distributed`` call's tensors,
   one by one or as one flattened bucket (``protocol.flattened_bucket_layout``, the layout the
   trainer's ``weight_transfer.flatten_bucket`` sends).
+- :func:`deserialize_tensor_payload` decodes one ``update_weights_from_tensor`` entry with the
+  restrictions of SGLang's unpickler.
 - :class:`WeightUpdates` is the engine's side of SGLang's update endpoints (from disk, from a
-  broadcast group, begin/end sessions, ``get_weights_by_name``).
+  broadcast group, from in-memory tensors, begin/end sessions, ``get_weights_by_name``, and the
+  release / resume of the weights' and KV cache's memory for colocated engines).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import pickle
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +27,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..protocol import flattened_bucket_layout
+from ..protocol import ProtocolError, flattened_bucket_layout
+from ..tensor_transport import (FLATTENED_BUCKET, GPU_MEMORY_ALL_TYPES, GPU_MEMORY_TYPE_KV_CACHE,
+                                GPU_MEMORY_TYPE_WEIGHTS, SGLANG_GLOBAL_NAMES, LocalSerializedTensor)
 from .request import EngineError, EngineFatal
 
 logger = logging.getLogger(__name__)
@@ -127,6 +136,97 @@ def receive_broadcast(names: list[str], dtypes: list[str], shapes: list[list[int
     return received
 
 
+# ---------------------------------------------------------------------------- in-memory tensors
+# SGLang 0.5.23 srt/utils/common.py:3160-3372 (SafeUnpickler.ALLOWED_GLOBALS): plain containers,
+# torch dtypes, Size, device, tensor/storage classes and torch's rebuild functions; no code module
+_ALLOWED_BUILTINS = {"bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "range",
+                     "set", "slice", "str", "tuple"}
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "deque"),
+    ("collections", "Counter"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"),
+    ("copyreg", "_reconstructor"), ("functools", "partial"),
+    ("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch", "dtype"),
+    ("torch.nn.parameter", "Parameter"), ("torch.serialization", "_get_layout"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"), ("torch._utils", "_rebuild_wrapper_subclass"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"),
+    ("torch._tensor", "_rebuild_from_type_v2"), ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"),
+    ("torch", "UntypedStorage"),
+    *(("torch.multiprocessing.reductions", n) for n in (
+        "rebuild_tensor", "rebuild_meta_tensor", "rebuild_cuda_tensor", "rebuild_nested_tensor",
+        "rebuild_sparse_coo_tensor", "rebuild_sparse_compressed_tensor", "rebuild_storage_fd",
+        "rebuild_storage_filename", "rebuild_storage_empty", "rebuild_typed_storage", "rebuild_typed_storage_child")),
+}
+# SGLang's own classes in the list, resolved to this package's field-for-field equivalents
+_SGLANG_CLASSES = {target: local for local, target in SGLANG_GLOBAL_NAMES.items()}
+
+
+class SGLangSafeUnpickler(pickle.Unpickler):
+    """SGLang's ``SafeUnpickler`` (srt/utils/common.py:3160-3372): any other global is refused
+    with its message. Its ``*Tensor`` / ``*Storage`` class names of ``torch`` / ``torch.cuda``
+    and the dtype names are allowed by pattern, the rest by the list above."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SGLANG_CLASSES:
+            return _SGLANG_CLASSES[(module, name)]
+        allowed = (
+            (module == "builtins" and name in _ALLOWED_BUILTINS)
+            or (module, name) in _ALLOWED_GLOBALS
+            or (module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse")
+                and (name.endswith("Tensor") or name.endswith("Storage")))
+            or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.qscheme)))
+        )
+        if allowed:
+            return super().find_class(module, name)
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+
+def decode_serialized_entry(entry: Any, index: int) -> bytes:
+    """One ``serialized_named_tensors`` entry of the JSON body as bytes: a base64 string, decoded
+    strictly (SGLang's ``Base64Bytes`` field validator, srt/utils/msgspec_utils.py:12-35, a 422 there)."""
+    if not isinstance(entry, str):
+        raise ProtocolError(f"serialized_named_tensors[{index}]: expected a base64 string, got {type(entry).__name__}")
+    try:
+        return base64.b64decode(entry, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"serialized_named_tensors[{index}]: Expected base64-encoded bytes") from exc
+
+
+def deserialize_tensor_payload(data: bytes | str) -> Any:
+    """``MultiprocessingSerializer.deserialize`` (srt/utils/common.py:3084-3099): base64 text or
+    raw bytes, read by :class:`SGLangSafeUnpickler`."""
+    if isinstance(data, str):
+        data = base64.b64decode(data, validate=True)
+    return SGLangSafeUnpickler(io.BytesIO(data)).load()
+
+
+def unpack_tensor_payload(payload: Any, load_format: str | None, tp_rank: int, device: torch.device
+                          ) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of one decoded payload, as SGLang's model runner reads it
+    (srt/model_executor/model_runner_components/weight_updater.py:343-409): the flattened-bucket
+    dict's slices (left where the sender's tensor lives), or the listed tensors, each
+    :class:`LocalSerializedTensor` resolved for ``tp_rank``, moved to ``device``. An unknown
+    ``load_format`` raises ``NotImplementedError``; a malformed payload fails as Python does
+    on it there (``KeyError``, ``TypeError``, ``ValueError``)."""
+    if load_format == FLATTENED_BUCKET:
+        flat = payload["flattened_tensor"]
+        named = []
+        for meta in payload["metadata"]:
+            # FlattenedTensorBucket.reconstruct_tensors (srt/weight_sync/tensor_bucket.py:118-130)
+            named.append((meta.name, flat[meta.start_idx:meta.end_idx].view(meta.dtype).reshape(meta.shape)))
+        return named
+    if load_format not in (None, "direct"):
+        # custom loaders (dotted import paths listed by --custom-weight-loader) are not supported here
+        raise NotImplementedError(f"Unknown load_format={load_format}")
+    named = []
+    for name, tensor in payload:
+        if isinstance(tensor, LocalSerializedTensor):
+            tensor = tensor.get(tp_rank)
+        named.append((name, tensor.to(device)))
+    return named
+
+
 class WeightUpdates:
     """The weight-update endpoints of an engine; mixed into :class:`~.embedded.EmbeddedEngine`.
 
@@ -138,6 +238,11 @@ class WeightUpdates:
     def _init_weight_updates(self) -> None:
         self._session_open = False
         self._groups: dict[str, Any] = {}
+        # SGLang's offload_tags (srt/managers/scheduler_components/weight_updater.py:96)
+        self._offload_tags: set[str] = set()
+        # parameter name -> its values kept on release (enable_weights_cpu_backup) or None
+        self._weights_backup: dict[str, torch.Tensor] | None = None
+        self._released_params: dict[str, tuple[torch.Size, torch.dtype]] = {}
 
     def destroy_groups(self) -> None:
         """Tear down every broadcast group (engine shutdown)."""
@@ -262,6 +367,7 @@ class WeightUpdates:
         if abort_all_requests:
             self.abort(abort_all=True)
         with self.exclusive():
+            self.check_memory_resident("update_weights_from_distributed")
             try:
                 if group_name not in self._groups:
                     raise AssertionError(f"Group {group_name} not in {list(self._groups)}. "
@@ -281,8 +387,124 @@ class WeightUpdates:
                 return False, message
             return self._after_load(weight_version, flush_cache, "Succeeded to update parameter online.")
 
+    # ------------------------------------------------------------------ colocated memory
+    @property
+    def memory_released(self) -> set[str]:
+        """The tags whose memory is released now (only with ``enable_memory_saver``: without it a
+        release frees nothing, as SGLang's no-op adapter, srt/utils/torch_memory_saver_adapter.py:143-160)."""
+        return set(self._offload_tags) if self.config.enable_memory_saver else set()
+
+    def check_memory_resident(self, op: str) -> None:
+        """Refuse ``op`` on released weights or KV cache the way SGLang fails on it: the kernels
+        touch unmapped device memory (torch_memory_saver keeps the addresses, drops the pages), the
+        scheduler raises and takes the server down (srt/managers/scheduler.py:6370-6373)."""
+        released = self.memory_released & {GPU_MEMORY_TYPE_WEIGHTS, GPU_MEMORY_TYPE_KV_CACHE}
+        if released:
+            raise EngineFatal(f"{op} ran while the memory of {sorted(released)} was released; on SGLang the "
+                              "kernels touch unmapped device memory and the scheduler process dies. "
+                              "Call /resume_memory_occupation first.")
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """``/release_memory_occupation`` (SGLang 0.5.23 srt/managers/scheduler_components/weight_updater.py:337-381).
+
+        The engine must be fully idle (queued requests are allowed while the scheduler is paused
+        by ``retract`` / ``in_place``); otherwise SGLang's assertion kills the scheduler:
+        :class:`EngineFatal`. No tags (or an empty list) means every tag. With
+        ``enable_memory_saver`` the parameters' storage is freed (``weights``; the buffers, SGLang's
+        stashed "static state", stay), ``kv_cache`` flushes the cache; without it nothing is freed."""
+        with self._cond:
+            if not self._fully_idle():
+                raise EngineFatal("AssertionError: release_memory_occupation should be called only when server is idle.")
+        tags = list(tags) if tags else list(GPU_MEMORY_ALL_TYPES)
+        self._offload_tags.update(tags)
+        if not self.config.enable_memory_saver:
+            logger.warning("release_memory_occupation frees nothing: the engine runs without enable_memory_saver")
+            return
+        if GPU_MEMORY_TYPE_KV_CACHE in tags:
+            self.flush_cache(0)
+        if GPU_MEMORY_TYPE_WEIGHTS in tags and not self._released_params:
+            with self._model_lock, torch.no_grad():
+                params = dict(self.model.named_parameters())
+                if self.config.enable_weights_cpu_backup:
+                    self._weights_backup = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+                for name, param in params.items():
+                    self._released_params[name] = (param.shape, param.dtype)
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            logger.info("released the memory of %d parameters", len(self._released_params))
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """``/resume_memory_occupation`` (weight_updater.py:383-420 there). A tag that is not released
+        fails SGLang's ``offload_tags.remove`` and kills the scheduler: :class:`EngineFatal`.
+
+        Resumed weights hold undefined values in SGLang unless it runs with
+        ``--enable-weights-cpu-backup`` (torch_memory_saver maps fresh pages); here they are zeros
+        (or the backup), so generating before the next weight push gives garbage either way."""
+        tags = list(tags) if tags else list(GPU_MEMORY_ALL_TYPES)
+        for tag in tags:
+            if tag not in self._offload_tags:
+                raise EngineFatal(f"KeyError: {tag!r} (resume_memory_occupation of memory that is not released)")
+            self._offload_tags.remove(tag)
+        if GPU_MEMORY_TYPE_WEIGHTS in tags and self._released_params:
+            with self._model_lock, torch.no_grad():
+                params = dict(self.model.named_parameters())
+                backup = self._weights_backup or {}
+                for name, (shape, dtype) in self._released_params.items():
+                    if name in backup:
+                        params[name].data = backup[name].to(self.device)
+                    else:
+                        params[name].data = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._released_params.clear()
+            self._weights_backup = None
+            logger.info("resumed the memory of the weights (%s)",
+                        "restored from the CPU backup" if self.config.enable_weights_cpu_backup else "values undefined")
+
+    def update_weights_from_tensor(self, serialized_named_tensors: list[bytes], load_format: str | None = None,
+                                   flush_cache: bool = True, abort_all_requests: bool = False,
+                                   weight_version: str | None = None) -> tuple[bool, str]:
+        """Load tensors handed over in memory (one serializer payload per TP rank); (success, message).
+
+        SGLang 0.5.23: the tokenizer manager aborts if asked and takes the writer lock unless
+        paused (srt/managers/tokenizer_control_mixin.py:563-598); the scheduler refuses outside a
+        session, reads only its own rank's entry (srt/managers/tp_worker.py:194-201; extra entries
+        are never read), loads, records the version and flushes
+        (scheduler_components/weight_updater.py:232-258). None of the decode or load steps is
+        guarded there: no entry for this rank, a refused pickle global, a payload of the wrong
+        form, an unknown ``load_format`` or a tensor that does not fit raises in the scheduler and
+        the server dies (:class:`EngineFatal`). Unknown names are only warnings (``load_weights``)."""
+        if abort_all_requests:
+            self.abort(abort_all=True)
+        with self._cond:
+            if not self._session_open:
+                return False, SESSION_REQUIRED_MESSAGE.format(op="update_weights_from_tensor")
+        with self.exclusive():
+            self.check_memory_resident("update_weights_from_tensor")
+            tp_rank = 0  # the embedded engine is one TP rank
+            try:
+                payload = deserialize_tensor_payload(serialized_named_tensors[tp_rank])
+                named = unpack_tensor_payload(payload, load_format, tp_rank, self.device)
+                if load_format == "direct":
+                    # _model_load_weights_direct (weight_updater.py:438-441): every name must exist
+                    params = dict(self.model.named_parameters())
+                    with torch.no_grad():
+                        for name, tensor in named:
+                            param = params[name]
+                            if tuple(param.shape) != tuple(tensor.shape):
+                                raise AssertionError(f"Attempted to load weight ({tensor.size()}) into parameter "
+                                                     f"({param.size()})")
+                            param.data.copy_(tensor.to(dtype=param.dtype))
+                else:
+                    load_weights_sglang_rules(self.model, self.hf_config, named)
+            except Exception as exc:
+                logger.error("update_weights_from_tensor failed: %r", exc)
+                raise EngineFatal(f"update_weights_from_tensor raised {type(exc).__name__}: {exc}; on SGLang this "
+                                  "is unguarded in the scheduler, whose process dies") from exc
+            finally:
+                payload = named = None  # drop the shared tensors before replying
+            return self._after_load(weight_version, flush_cache, "Success")
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
         """The first ``truncate_size`` values of weight ``name`` (flattened)."""
+        self.check_memory_resident("get_weights_by_name")
         targets = self.named_weights()
         if name not in targets:
             raise EngineError(f"unknown weight name {name!r}")

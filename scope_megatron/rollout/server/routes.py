@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..engine import EmbeddedEngine, EngineError, EngineFatal, GenRequest
+from ..engine.weights import decode_serialized_entry
 from ..protocol import ProtocolError, expect_bool, expect_int
 from .generate import generate_response, parse_generate_request
 
@@ -345,3 +346,45 @@ async def update_weight_version(request: Request):
         await run_blocking(request, engine.abort, None, True)
     engine.set_weight_version(version)
     return {"success": True, "message": f"Weight version updated to {version}", "new_version": version}
+
+
+# ---------------------------------------------------------------------------- colocated engines
+def memory_tags(data: dict[str, Any]) -> list[str] | None:
+    """``tags``: null or a list of strings (io_struct.py:2177-2191); any string is kept, as SGLang
+    keeps unknown tags in its offload set."""
+    tags = field_of(data, "tags", list, None, nullable=True)
+    if tags is not None and not all(isinstance(t, str) for t in tags):
+        raise ProtocolError("`tags` must be a list of strings")
+    return tags
+
+
+@router.api_route("/release_memory_occupation", methods=["GET", "POST"])
+async def release_memory_occupation(request: Request):
+    # SGLang 0.5.23 srt/entrypoints/http_server.py:1575-1584: the handler returns nothing (200, null)
+    data = await json_object(request)
+    await run_blocking(request, server_state(request).engine.release_memory_occupation, memory_tags(data))
+    return JSONResponse(None)
+
+
+@router.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+async def resume_memory_occupation(request: Request):
+    # http_server.py:1587-1596 there
+    data = await json_object(request)
+    await run_blocking(request, server_state(request).engine.resume_memory_occupation, memory_tags(data))
+    return JSONResponse(None)
+
+
+@router.post("/update_weights_from_tensor")
+async def update_weights_from_tensor(request: Request):
+    """SGLang 0.5.23 http_server.py:1436-1455 with the body of io_struct.py:2027-2047."""
+    data = await json_object(request)
+    entries = field_of(data, "serialized_named_tensors", list)
+    serialized = [decode_serialized_entry(e, i) for i, e in enumerate(entries)]
+    selector = field_of(data, "selector", str, "all")
+    if selector not in ("all", "target", "draft"):
+        raise ProtocolError(f"selector must be 'all', 'target' or 'draft', got {selector!r}")
+    field_of(data, "torch_empty_cache", bool, False)
+    return await engine_reply(
+        request, server_state(request).engine.update_weights_from_tensor, serialized,
+        field_of(data, "load_format", str, None, nullable=True), field_of(data, "flush_cache", bool, True),
+        field_of(data, "abort_all_requests", bool, False), field_of(data, "weight_version", str, None, nullable=True))
