@@ -79,7 +79,7 @@ def _worker(rank: int, world_size: int):
     import torch.distributed as dist
 
     from scope_megatron.rollout.batch_transport import RolloutMessage, broadcast_rollout_batch, \
-        broadcast_rollout_message
+        broadcast_rollout_message, tensor_backed
 
     group = dist.new_group(backend="gloo")
     report = {}
@@ -100,6 +100,10 @@ def _worker(rank: int, world_size: int):
             assert a.keys() == b.keys()
             for key in a:
                 assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    # a batch whose source already holds tensor-backed trajectories (tensor_backed)
+    backed = RolloutBatch(original.step, [tensor_backed(t) for t in original.trajectories], original.timings)
+    assert_same_batch(backed, original)
+    assert_same_batch(broadcast_rollout_batch(backed if rank == 0 else None, src=0, group=group), original)
     # a batch without top-k, from the last rank, through the message form
     plain = make_batch(step=9, topk=0)
     src = world_size - 1

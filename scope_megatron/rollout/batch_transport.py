@@ -32,6 +32,7 @@ Memory on a receiving rank: the raw bytes of the buffers plus ~1 KiB per traject
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -338,6 +339,24 @@ def broadcast_rollout_batch(batch: RolloutBatch | None, *, src: int, group: Any 
     return out.batch
 
 
+def tensor_backed(t: Trajectory) -> Trajectory:
+    """``t`` with its list fields as :class:`TensorListView` (token ids int32, log-probs float32,
+    the top-k fields [R, K]); equal to ``t`` field by field.
+
+    For the rollout controller: converting each trajectory when it arrives spreads the one
+    list-to-array conversion over the collection, and the broadcast then copies memory only
+    (the conversion is most of the sender's time when the fields are Python lists).
+    """
+    fields = {}
+    for name, dtype in (("prompt_ids", torch.int32), ("response_ids", torch.int32),
+                        ("rollout_logprobs", torch.float32), ("teacher_logprobs", torch.float32)):
+        fields[name] = TensorListView(_flat(getattr(t, name), dtype))
+    for name, dtype in (("teacher_topk_ids", torch.int32), ("teacher_topk_logprobs", torch.float32)):
+        rows, width = _rows_and_width(getattr(t, name), name, t)
+        fields[name] = TensorListView(_flat(getattr(t, name), dtype, rows, width).view(rows, width))
+    return dataclasses.replace(t, **fields)
+
+
 def rollout_batch_nbytes(batch: RolloutBatch) -> int:
     """Bytes of the tensors :func:`broadcast_rollout_message` sends for ``batch`` (the header excluded)."""
     n, width, ids, lps = len(batch.trajectories), 0, 0, 0
@@ -350,4 +369,4 @@ def rollout_batch_nbytes(batch: RolloutBatch) -> int:
 
 
 __all__ = ["RolloutMessage", "TensorListView", "broadcast_rollout_batch", "broadcast_rollout_message",
-           "rollout_batch_nbytes"]
+           "rollout_batch_nbytes", "tensor_backed"]
