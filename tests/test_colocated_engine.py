@@ -284,3 +284,78 @@ def test_malformed_payloads_kill_the_server_as_on_sglang(engine_server, dirs, ca
     except httpx.HTTPError:
         pass
     assert_server_dies(server.url)
+
+
+# ---------------------------------------------------------------------------- release / resume
+def test_release_resume_push_gives_the_same_generation(engine_server, dirs):
+    """Release (every tag) frees the parameters; resume brings them back with undefined values
+    (zeros here, as pages torch_memory_saver maps afresh), and after the trainer's push the
+    greedy output and its log-probs equal those before the release."""
+    server = engine_server()
+    before = generate(server.url)
+    res = post(server.url, "/release_memory_occupation", {})
+    assert res.status_code == 200 and res.json() is None  # SGLang's handler returns nothing
+    params = dict(server.engine.model.named_parameters())
+    assert all(p.numel() == 0 for p in params.values())
+    assert post(server.url, "/resume_memory_occupation", {"tags": None}).status_code == 200
+    assert set(weight(server.url, "model.norm.weight")) == {0.0}
+    push(server.url, list(state_of(dirs[0]).items()), flattened=True, version="after-resume")
+    after = generate(server.url)
+    assert output_logprobs(after) == output_logprobs(before)
+    assert after["meta_info"]["weight_version"] == "after-resume"
+
+
+def test_tags_release_only_their_memory_and_cpu_backup_restores_values(engine_server, dirs):
+    """``kv_cache`` alone leaves the weights; with the CPU backup the weights come back as they
+    were, so generation needs no push."""
+    server = engine_server(enable_weights_cpu_backup=True)
+    before = generate(server.url)
+    assert post(server.url, "/release_memory_occupation", {"tags": ["kv_cache"]}).status_code == 200
+    assert all(p.numel() > 0 for p in server.engine.model.parameters())
+    assert post(server.url, "/release_memory_occupation", {"tags": ["weights", "cuda_graph"]}).status_code == 200
+    assert all(p.numel() == 0 for p in server.engine.model.parameters())
+    assert post(server.url, "/resume_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]}).status_code == 200
+    assert output_logprobs(generate(server.url)) == output_logprobs(before)
+
+
+def test_without_the_memory_saver_release_frees_nothing(engine_server):
+    """SGLang's no-op adapter: the tags are recorded, memory stays, generation goes on."""
+    server = engine_server(enable_memory_saver=False)
+    before = generate(server.url)
+    assert post(server.url, "/release_memory_occupation", {}).status_code == 200
+    assert output_logprobs(generate(server.url)) == output_logprobs(before)
+    assert post(server.url, "/resume_memory_occupation", {}).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["generate_while_released", "release_while_busy", "resume_not_released"])
+def test_misuse_of_released_memory_kills_the_server_as_on_sglang(engine_server, case):
+    """A request reaching the model while its memory is released (kernels on unmapped pages), a
+    release while requests run (weight_updater.py:337-341 asserts idle) and a resume of a tag that
+    is not released (``offload_tags.remove``: KeyError) each raise in SGLang's scheduler."""
+    import threading
+
+    server = engine_server()
+    if case == "generate_while_released":
+        assert post(server.url, "/release_memory_occupation", {"tags": ["weights"]}).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            generate(server.url)
+    elif case == "release_while_busy":
+        from tests.rollout_utils import wait_until_decoding
+
+        long = threading.Thread(target=lambda: _quietly(generate, server.url, params={"max_new_tokens": 4000,
+                                                                                      "temperature": 1.0,
+                                                                                      "ignore_eos": True}))
+        long.start()
+        wait_until_decoding(server.engine)
+        _quietly(post, server.url, "/release_memory_occupation", {})
+        long.join(60)
+    else:
+        _quietly(post, server.url, "/resume_memory_occupation", {"tags": ["weights"]})
+    assert_server_dies(server.url)
+
+
+def _quietly(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except httpx.HTTPError:
+        return None
