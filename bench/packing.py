@@ -46,7 +46,7 @@ def padded_groups(lengths: list[int], b: int, sort: bool) -> list[list[int]]:
 
 
 def layout_stats(lengths: list[int], b: int, max_tokens: int, dp: int) -> dict:
-    from scope_megatron.packing import partition_balanced, plan_micro_batches
+    from scope_megatron.packing import partition_balanced, plan_packed
 
     real = sum(lengths)
 
@@ -60,7 +60,7 @@ def layout_stats(lengths: list[int], b: int, max_tokens: int, dp: int) -> dict:
     out["pad_to_longest"] = summary(len(lengths) * max(lengths))
     out["padded"] = summary(padded)
     out["padded_sorted"] = summary(padded_sorted)
-    plan = plan_micro_batches(lengths, max_tokens=max_tokens, dp=dp)
+    plan = plan_packed(lengths, max_tokens=max_tokens, dp=dp)
     out["packed"] = {**summary(real), "micro_batches_per_rank": plan.num_micro_batches,
                      "max_tokens_per_microbatch": max_tokens}
     packed_padding = 0  # slots are not padded here (seq_multiple = 1)

@@ -5,7 +5,7 @@ Three steps, all deterministic (every rank computes the same plan from the same 
 1. :func:`partition_balanced` splits the global batch's sequences over the DP ranks so that the
    ranks' token totals are as even as possible (Karmarkar-Karp largest differencing, or greedy
    longest-first).
-2. :func:`plan_micro_batches` cuts each rank's share into micro-batches of at most
+2. :func:`plan_packed` cuts each rank's share into micro-batches of at most
    ``max_tokens_per_microbatch`` tokens (first-fit decreasing gives the count; then the sequences
    are spread longest-first over that many micro-batches so they come out even). Every rank gets
    the same number of micro-batches -- megatron's schedule and the gradient all-reduce need that --
@@ -17,13 +17,18 @@ Three steps, all deterministic (every rank computes the same plan from the same 
 
 :func:`build_packed_micro_batches` does all three for one rank.
 
+The padded layout has a planner with the same result type: :func:`plan_padded` deals sequences
+round-robin by length over the DP ranks and cuts each share into micro-batches of a fixed number
+of sequences; :func:`build_micro_batches` materialises one rank's share of either plan
+(:class:`MicroBatchPlan`: ``per_rank``, ``num_micro_batches``, ``padded_positions``, ``filler``).
+
 **A sequence longer than the budget** (``oversize``): ``"alone"`` (default) puts it in a
 micro-batch of its own, which then exceeds the budget (a sequence cannot be split over
 micro-batches: its tokens attend to each other; context parallelism is the way to split one);
 ``"error"`` raises ``ValueError`` instead.
 
-**Filler micro-batches**: when a rank has fewer sequences than micro-batches (in particular none
-at all), its extra micro-batches repeat the globally shortest sequence with every per-token value
+**Filler micro-batches** (both layouts): when a rank has fewer sequences than micro-batches (in
+particular none at all; padded plans only fill a rank that has none), its extra micro-batches repeat the globally shortest sequence with every per-token value
 zeroed except the tokens and targets (so the loss mask is all False), and ``num_loss_tokens = 0``.
 They run the forward and backward like any other micro-batch, so no rank waits on another, and
 contribute exactly zero to the loss and the gradient. Their ``trajectory_index`` still names that
@@ -48,7 +53,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -64,13 +69,18 @@ Balance = Literal["karmarkar_karp", "greedy"]
 __all__ = [
     "MicroBatchPlan",
     "PackedMicroBatch",
+    "build_micro_batches",
     "build_packed_micro_batches",
+    "context_parallel_seq_multiple",
+    "filler_sequence",
     "gather_from_context_parallel",
     "shard_for_context_parallel",
     "pack_sequences",
     "pad_sequences",
     "partition_balanced",
-    "plan_micro_batches",
+    "plan_packed",
+    "plan_padded",
+    "rank_share",
     "round_up",
     "unpack",
 ]
@@ -327,28 +337,59 @@ def _spread(items: list[int], weights: Sequence[int], capacity: int, count: int)
 
 @dataclass
 class MicroBatchPlan:
-    """Which sequences each DP rank packs into each of its micro-batches.
+    """Which sequences each DP rank puts into each of its micro-batches, padded or packed.
 
-    ``micro_batches[r][m]`` lists the global indices of the sequences in micro-batch ``m`` of DP
-    rank ``r``; an empty list is a filler micro-batch. Every rank has the same number of them.
+    ``per_rank[r][m]`` lists the global indices of the sequences in micro-batch ``m`` of DP rank
+    ``r``; an empty list is a filler micro-batch (the sequence ``filler``, loss-free: see the
+    module docstring). Packed plans give every rank the same number of micro-batches; padded
+    plans may differ by one between ranks (the gradient all-reduce runs once, after all of them),
+    and give a rank without sequences one filler.
     """
 
-    micro_batches: list[list[list[int]]]
-    max_tokens: int
-    oversize: list[int]  # sequences longer than max_tokens (each alone in its micro-batch)
-    shortest: int = 0    # the globally shortest sequence: what a filler micro-batch repeats
+    per_rank: list[list[list[int]]]
+    layout: Literal["padded", "packed"]
+    padded_positions: int  # positions computed over every rank's real micro-batches, padding included
+    filler: int = 0        # the globally shortest sequence (lowest index among equals)
+    max_tokens: int | None = None  # packed: the token budget per micro-batch
+    oversize: list[int] = field(default_factory=list)  # packed: sequences longer than max_tokens (each alone)
 
     @property
     def num_micro_batches(self) -> int:
-        return len(self.micro_batches[0])
+        """Micro-batches per DP rank (the most any rank has)."""
+        return max(len(rank) for rank in self.per_rank)
 
     def tokens(self, lengths: Sequence[int]) -> list[list[int]]:
         """Tokens per [rank][micro-batch] (fillers count 0)."""
-        return [[sum(lengths[i] for i in mb) for mb in rank] for rank in self.micro_batches]
+        return [[sum(lengths[i] for i in mb) for mb in rank] for rank in self.per_rank]
 
 
-def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, oversize: Oversize = "alone",
-                       balance: Balance = "karmarkar_karp", seq_multiple: int = 1) -> MicroBatchPlan:
+def _shortest(weights: Sequence[int]) -> int:
+    return min(range(len(weights)), key=lambda i: (weights[i], i)) if weights else 0
+
+
+def rank_share(lengths: Sequence[int], dp: int, dp_rank: int) -> list[int]:
+    """Indices of the sequences a DP rank gets in the padded layout: length-sorted, dealt round-robin."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return sorted(order[dp_rank::dp])
+
+
+def plan_padded(lengths: Sequence[int], *, dp: int = 1, micro_batch_size: int, length_multiple: int = 1) -> MicroBatchPlan:
+    """The padded layout: sequences dealt round-robin by length (:func:`rank_share`), cut into
+    micro-batches of ``micro_batch_size`` in index order, each padded to its longest sequence
+    rounded up to ``length_multiple`` (as :func:`pad_sequences` does)."""
+    if dp < 1 or micro_batch_size < 1:
+        raise ValueError("dp and micro_batch_size must be >= 1")
+    per_rank, padded = [], 0
+    for r in range(dp):
+        mine = rank_share(lengths, dp, r)
+        groups = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)] or [[]]
+        per_rank.append(groups)
+        padded += sum(len(g) * round_up(max(lengths[i] for i in g), length_multiple) for g in groups if g)
+    return MicroBatchPlan(per_rank=per_rank, layout="padded", padded_positions=padded, filler=_shortest(lengths))
+
+
+def plan_packed(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, oversize: Oversize = "alone",
+                balance: Balance = "karmarkar_karp", seq_multiple: int = 1) -> MicroBatchPlan:
     """Balance sequences over ``dp`` ranks by tokens, then cut each rank's share into micro-batches.
 
     ``lengths`` are the packed lengths of the global batch (prompt + response - 1 per trajectory);
@@ -379,56 +420,75 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, 
     shares = partition_balanced(weights, dp, balance)
     first_fit = [_first_fit_decreasing(share, weights, max_tokens) for share in shares]
     count = max(1, max(len(bins) for bins in first_fit))
-    micro_batches = []
+    per_rank = []
     for share, bins in zip(shares, first_fit):
         spread = _spread(share, weights, max_tokens, count)
         if spread is None:  # cannot happen for FFD's own count on the rank that set it; others keep FFD
             spread = bins + [[] for _ in range(count - len(bins))]
         # longest micro-batches first (the same order on every rank is not required, but stable)
         spread.sort(key=lambda mb: (-sum(weights[i] for i in mb), min(mb, default=len(weights))))
-        micro_batches.append([sorted(mb) for mb in spread])
-    shortest = min(range(len(weights)), key=lambda i: (weights[i], i)) if weights else 0
-    return MicroBatchPlan(micro_batches=micro_batches, max_tokens=max_tokens, oversize=too_long, shortest=shortest)
+        per_rank.append([sorted(mb) for mb in spread])
+    return MicroBatchPlan(per_rank=per_rank, layout="packed", padded_positions=sum(weights), filler=_shortest(weights),
+                          max_tokens=max_tokens, oversize=too_long)
+
+
+def filler_sequence(sequence: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loss-free copy of a sequence: its tokens and targets (valid ids), every other field zero."""
+    return {key: value if key in (TOKEN_KEY, "targets") else torch.zeros_like(value) for key, value in sequence.items()}
+
+
+def build_micro_batches(plan: MicroBatchPlan, sequences: Sequence[Mapping[str, torch.Tensor]], *, dp_rank: int = 0,
+                        pad_id: int = 0, seq_multiple: int = 1, total_multiple: int = 1, attention: str = "auto",
+                        cp_size: int = 1, cp_rank: int = 0) -> list[MicroBatch]:
+    """DP rank ``dp_rank``'s micro-batches of ``plan``: only its sequences (and the filler) are read,
+    so ``sequences`` may be a lazy sequence that builds each item on access.
+
+    Padded plans give :class:`MicroBatch` [b, s] with ``s`` a multiple of ``total_multiple``;
+    packed plans :class:`PackedMicroBatch` rows with slots padded to ``seq_multiple`` and the row
+    to ``total_multiple``, cut for context parallelism when ``cp_size > 1`` (the plan must have
+    been made with the same ``seq_multiple``, a multiple of ``2 * cp_size``).
+    """
+    if not 0 <= dp_rank < len(plan.per_rank):
+        raise ValueError(f"plan is for {len(plan.per_rank)} DP ranks; asked for rank {dp_rank}")
+    if plan.layout == "padded" and cp_size > 1:
+        raise ValueError("context parallelism needs packed micro-batches")
+    out: list[MicroBatch] = []
+    for members in plan.per_rank[dp_rank]:
+        seqs = [sequences[i] for i in members] or [filler_sequence(sequences[plan.filler])]
+        index = members or [plan.filler]
+        if plan.layout == "padded":
+            mb = pad_sequences(seqs, trajectory_index=index, pad_id=pad_id, length_multiple=total_multiple)
+        else:
+            mb = pack_sequences(seqs, trajectory_index=index, pad_id=pad_id, seq_multiple=seq_multiple,
+                                total_multiple=total_multiple, attention=attention)
+        out.append(mb)
+    if plan.layout == "packed":
+        out = [shard_for_context_parallel(mb, cp_size, cp_rank) for mb in out]
+    return out
 
 
 def build_packed_micro_batches(sequences: Sequence[Mapping[str, torch.Tensor]], *, max_tokens: int, dp: int = 1,
                                dp_rank: int = 0, oversize: Oversize = "alone", balance: Balance = "karmarkar_karp",
-                               pad_id: int = 0, seq_multiple: int = 1,
-                               total_multiple: int = 1, attention: str = "auto",
-                               plan: MicroBatchPlan | None = None, cp_size: int = 1,
-                               cp_rank: int = 0) -> list[PackedMicroBatch]:
-    """This DP rank's packed micro-batches for the global batch ``sequences`` (same on every rank).
-
-    A filler micro-batch keeps its sequence's tokens and targets (valid ids) and zeroes every
-    other per-token field, so its loss mask is empty.
-
-    With a ``plan`` (from :func:`plan_micro_batches` on the sequences' lengths) only this rank's
-    sequences (and a filler's) are read: ``sequences`` may then be a lazy sequence that builds
-    each item on access, so a rank never holds tensors for the whole global batch.
+                               pad_id: int = 0, seq_multiple: int = 1, total_multiple: int = 1,
+                               attention: str = "auto", cp_size: int = 1, cp_rank: int = 0) -> list[PackedMicroBatch]:
+    """This DP rank's packed micro-batches for the global batch ``sequences`` (same on every rank):
+    :func:`plan_packed` on their lengths, then :func:`build_micro_batches`.
 
     Context parallelism (``cp_size > 1``): slots are padded to a multiple of ``2 * cp_size`` and
     each micro-batch is cut with :func:`shard_for_context_parallel` for ``cp_rank``. The budget
     ``max_tokens`` counts the whole packed row (each CP rank holds ``1 / cp_size`` of it).
     """
-    if cp_size > 1:
-        seq_multiple = seq_multiple * (2 * cp_size) // math.gcd(seq_multiple, 2 * cp_size)
-    if plan is None:
-        lengths = _check_sequences(sequences)
-        plan = plan_micro_batches(lengths, max_tokens=max_tokens, dp=dp, oversize=oversize, balance=balance,
-                                  seq_multiple=seq_multiple)
-    if len(plan.micro_batches) != dp or not 0 <= dp_rank < dp:
-        raise ValueError(f"plan is for {len(plan.micro_batches)} DP ranks; asked for rank {dp_rank} of {dp}")
-    out = []
-    for members in plan.micro_batches[dp_rank]:
-        if members:
-            out.append(pack_sequences([sequences[i] for i in members], trajectory_index=members,
-                                      pad_id=pad_id, seq_multiple=seq_multiple,
-                                      total_multiple=total_multiple, attention=attention))
-            continue
-        filler = {key: value if key in (TOKEN_KEY, "targets") else torch.zeros_like(value)
-                  for key, value in sequences[plan.shortest].items()}
-        mb = pack_sequences([filler], trajectory_index=[plan.shortest], pad_id=pad_id,
-                            seq_multiple=seq_multiple, total_multiple=total_multiple, attention=attention)
-        mb.num_loss_tokens = 0
-        out.append(mb)
-    return [shard_for_context_parallel(mb, cp_size, cp_rank) for mb in out]
+    seq_multiple = context_parallel_seq_multiple(cp_size, seq_multiple)
+    plan = plan_packed(_check_sequences(sequences), max_tokens=max_tokens, dp=dp, oversize=oversize, balance=balance,
+                       seq_multiple=seq_multiple)
+    if len(plan.per_rank) != dp or not 0 <= dp_rank < dp:
+        raise ValueError(f"plan is for {len(plan.per_rank)} DP ranks; asked for rank {dp_rank} of {dp}")
+    return build_micro_batches(plan, sequences, dp_rank=dp_rank, pad_id=pad_id, seq_multiple=seq_multiple,
+                               total_multiple=total_multiple, attention=attention, cp_size=cp_size, cp_rank=cp_rank)
+
+
+def context_parallel_seq_multiple(cp_size: int, seq_multiple: int = 1) -> int:
+    """The slot multiple packing needs: ``seq_multiple`` made a multiple of ``2 * cp_size`` under CP."""
+    if cp_size <= 1:
+        return seq_multiple
+    return seq_multiple * (2 * cp_size) // math.gcd(seq_multiple, 2 * cp_size)

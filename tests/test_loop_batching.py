@@ -162,9 +162,9 @@ def test_a_rank_builds_tensors_only_for_its_own_trajectories(monkeypatch):
     built: list[int] = []
     real = batching._sequence
 
-    def counting(t, empty=False, topk=0):
+    def counting(t, topk=0):
         built.append(t.sample + 4 * t.group)
-        return real(t, empty, topk)
+        return real(t, topk)
 
     monkeypatch.setattr(batching, "_sequence", counting)
     trajs = _trajectories(n=12)

@@ -9,7 +9,7 @@ import torch
 
 from scope_megatron.batch import PackedMicroBatch
 from scope_megatron.packing import (build_packed_micro_batches, pack_sequences, pad_sequences, partition_balanced,
-                                    plan_micro_batches, unpack)
+                                    plan_packed, unpack)
 
 
 def _seqs(lengths, seed=0):
@@ -124,37 +124,37 @@ def test_karmarkar_karp_partition():
 def test_plan_respects_budget_and_gives_equal_counts(dp, budget):
     rng = random.Random(dp * 1000 + budget)
     lengths = [min(int(rng.lognormvariate(5, 0.9)) + 1, 2000) for _ in range(40)]
-    plan = plan_micro_batches(lengths, max_tokens=budget, dp=dp)
-    assert len(plan.micro_batches) == dp
-    assert len({len(rank) for rank in plan.micro_batches}) == 1  # the same count on every rank
-    flat = [i for rank in plan.micro_batches for mb in rank for i in mb]
+    plan = plan_packed(lengths, max_tokens=budget, dp=dp)
+    assert len(plan.per_rank) == dp
+    assert len({len(rank) for rank in plan.per_rank}) == 1  # the same count on every rank
+    flat = [i for rank in plan.per_rank for mb in rank for i in mb]
     assert sorted(flat) == list(range(40))  # every sequence exactly once
     assert plan.oversize == [i for i, n in enumerate(lengths) if n > budget]
-    for rank in plan.micro_batches:
+    for rank in plan.per_rank:
         for mb in rank:
             tokens = sum(lengths[i] for i in mb)
             assert tokens <= budget or (len(mb) == 1 and mb[0] in plan.oversize)
     # not more micro-batches than first-fit needs on the busiest rank
     assert plan.num_micro_batches <= max(1, -(-sum(lengths) // budget) * 2 + len(plan.oversize))
-    assert plan == plan_micro_batches(lengths, max_tokens=budget, dp=dp)  # deterministic
+    assert plan == plan_packed(lengths, max_tokens=budget, dp=dp)  # deterministic
 
 
 def test_plan_spreads_tokens_evenly_over_micro_batches():
-    plan = plan_micro_batches([30, 30, 30, 30, 20, 20, 20, 20], max_tokens=100, dp=1)
+    plan = plan_packed([30, 30, 30, 30, 20, 20, 20, 20], max_tokens=100, dp=1)
     assert plan.num_micro_batches == 3
     assert sorted(plan.tokens([30, 30, 30, 30, 20, 20, 20, 20])[0]) == [60, 70, 70]
 
 
 def test_oversize_policy():
     lengths = [10, 300, 20, 40]
-    plan = plan_micro_batches(lengths, max_tokens=64, dp=2)
+    plan = plan_packed(lengths, max_tokens=64, dp=2)
     assert plan.oversize == [1]
-    assert [1] in plan.micro_batches[0] + plan.micro_batches[1]  # alone in its micro-batch
+    assert [1] in plan.per_rank[0] + plan.per_rank[1]  # alone in its micro-batch
     with pytest.raises(ValueError, match="exceed max_tokens_per_microbatch = 64"):
-        plan_micro_batches(lengths, max_tokens=64, dp=2, oversize="error")
+        plan_packed(lengths, max_tokens=64, dp=2, oversize="error")
     # seq_multiple rounds lengths up before the budget applies: 62 -> 64 fits, 63 -> 66 does not
-    assert plan_micro_batches([62], max_tokens=64, seq_multiple=4).oversize == []
-    assert plan_micro_batches([63], max_tokens=64, seq_multiple=6).oversize == [0]
+    assert plan_packed([62], max_tokens=64, seq_multiple=4).oversize == []
+    assert plan_packed([63], max_tokens=64, seq_multiple=6).oversize == [0]
 
 
 def test_fillers_when_a_rank_has_no_sequences():
@@ -248,3 +248,26 @@ def test_context_parallel_split_layout():
     # build_packed_micro_batches pads slots to 2 * cp by itself
     built = build_packed_micro_batches(seqs, max_tokens=64, cp_size=2, cp_rank=1)
     assert len(built) == 1 and built[0].cp_size == 2 and built[0].slot_lengths.tolist() == [8, 4]
+
+
+def test_padded_plan_and_its_filler():
+    """plan_padded by hand: lengths [5, 9, 2, 7, 3] dealt round-robin longest first over 2 ranks."""
+    from scope_megatron.packing import build_micro_batches, plan_padded
+
+    lengths = [5, 9, 2, 7, 3]
+    plan = plan_padded(lengths, dp=2, micro_batch_size=2, length_multiple=2)
+    # order by length: 1 (9), 3 (7), 0 (5), 4 (3), 2 (2) -> rank 0: 1, 0, 2; rank 1: 3, 4
+    assert plan.per_rank == [[[0, 1], [2]], [[3, 4]]] and plan.num_micro_batches == 2
+    assert plan.padded_positions == 2 * 10 + 1 * 2 + 2 * 8  # widths rounded up to a multiple of 2
+    assert plan.filler == 2  # the shortest, as for packed plans
+    seqs = _seqs(lengths)
+    mbs = build_micro_batches(plan, seqs, dp_rank=0, total_multiple=2)
+    assert [mb.tokens.shape for mb in mbs] == [(2, 10), (1, 2)]
+    assert mbs[0].fields.trajectory_index.tolist() == [0, 1]
+    # more ranks than sequences: a rank without any gets one loss-free micro-batch of the filler
+    few = plan_padded([4, 3], dp=3, micro_batch_size=2)
+    assert few.per_rank[2] == [[]]
+    (filler,) = build_micro_batches(few, _seqs([4, 3]), dp_rank=2)
+    assert filler.fields.trajectory_index.tolist() == [1] and filler.num_loss_tokens == 0
+    assert not filler.fields.response_mask.any() and not filler.fields.teacher_logprobs.any()
+    assert torch.equal(filler.fields.targets[0], _seqs([4, 3])[1]["targets"])

@@ -2,12 +2,15 @@
 
 Every rank receives the same :class:`~scope_megatron.rollout.types.RolloutBatch` and computes the same global
 tensors (group ids, response lengths, correctness, teacher means: what ``plan_batch`` needs),
-then takes its own share of the trajectories, in one of two layouts:
+then takes its own share of the trajectories: filter -> plan (every rank computes the same
+:class:`~scope_megatron.packing.MicroBatchPlan` from the lengths) -> materialise this rank's
+micro-batches only (:func:`~scope_megatron.packing.build_micro_batches`). Two layouts:
 
-* **padded** (``max_tokens_per_microbatch=None``): the trajectories are ordered by length and
-  dealt round-robin over the DP ranks (balanced token counts), and cut into micro-batches of
-  ``micro_batch_size`` trajectories, right-padded to the longest of each ([b, s]);
-* **packed** (a token budget): :func:`scope_megatron.packing.build_packed_micro_batches` balances
+* **padded** (``max_tokens_per_microbatch=None``, :func:`~scope_megatron.packing.plan_padded`):
+  the trajectories are ordered by length and dealt round-robin over the DP ranks (balanced token
+  counts), and cut into micro-batches of ``micro_batch_size`` trajectories, right-padded to the
+  longest of each ([b, s]);
+* **packed** (a token budget, :func:`~scope_megatron.packing.plan_packed`): balances
   the trajectories over the DP ranks by tokens (Karmarkar-Karp) and packs each rank's share into
   THD rows of at most ``max_tokens_per_microbatch`` tokens ([1, T], ``cu_seqlens``; attention
   stays inside each trajectory), every rank with the same number of micro-batches; with context
@@ -25,9 +28,9 @@ Token layout of one trajectory (prompt P tokens, response R tokens)::
     tokens    = sequence[:-1]   targets = sequence[1:] (P + R - 1 positions)
     response token j is targets[P - 1 + j]; the response mask marks positions P-1 .. P+R-2
 
-A DP rank left without trajectories (fewer trajectories than DP ranks) gets a micro-batch with
-an all-zero mask (padded: one; packed: fillers up to the common count), so every rank runs the
-schedule and the gradient all-reduce and adds exactly zero.
+A DP rank left without trajectories (fewer trajectories than DP ranks) gets filler micro-batches
+(padded: one; packed: up to the common count): the globally shortest trajectory with an all-zero
+mask, so every rank runs the schedule and the gradient all-reduce and adds exactly zero.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batch import MicroBatch
-from ..packing import build_packed_micro_batches, pad_sequences, plan_micro_batches, round_up
+from ..packing import build_micro_batches, context_parallel_seq_multiple, plan_packed, plan_padded
 from ..rollout.types import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -92,9 +95,8 @@ def filter_trajectories(trajectories: list[Trajectory], filter_uniform_groups: b
     return kept, dropped
 
 
-def _sequence(t: Trajectory, empty: bool = False, topk: int = 0) -> dict[str, torch.Tensor]:
+def _sequence(t: Trajectory, topk: int = 0) -> dict[str, torch.Tensor]:
     """One trajectory's per-token tensors (P + R - 1 positions, keyed by TokenFields' field names);
-    ``empty``: no loss tokens;
     ``topk``: also the teacher's top-k ids / log-probs [P + R - 1, topk] (zero outside the response)."""
     seq = t.prompt_ids + t.response_ids
     n = len(seq) - 1
@@ -102,8 +104,7 @@ def _sequence(t: Trajectory, empty: bool = False, topk: int = 0) -> dict[str, to
     mask = torch.zeros(n, dtype=torch.bool)
     teacher = torch.zeros(n, dtype=torch.float32)
     rollout = torch.zeros(n, dtype=torch.float32)
-    if not empty:
-        mask[start:start + r] = True
+    mask[start:start + r] = True
     teacher[start:start + r] = torch.tensor(t.teacher_logprobs, dtype=torch.float32)
     if len(t.rollout_logprobs) == r:
         rollout[start:start + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
@@ -132,31 +133,6 @@ class _LazySequences(SequenceABC):
         return _sequence(self._trajectories[i], topk=self._topk)
 
 
-def _micro_batch(trajs: list[Trajectory], rows: list[int], pad_id: int, empty: bool = False,
-                 topk: int = 0, length_multiple: int = 1) -> MicroBatch:
-    """A padded micro-batch [b, max length rounded up to length_multiple] (right padding; padding
-    positions carry no loss)."""
-    return pad_sequences([_sequence(t, empty, topk) for t in trajs], trajectory_index=rows, pad_id=pad_id,
-                         length_multiple=length_multiple)
-
-
-def rank_share(lengths: list[int], dp: int, dp_rank: int) -> list[int]:
-    """Indices of the trajectories this DP rank trains on: length-sorted, dealt round-robin."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return sorted(order[dp_rank::dp])
-
-
-def _padded_layout(positions: list[int], dp: int, micro_batch_size: int) -> tuple[list[list[int]], int]:
-    """Every DP rank's padded micro-batches (row lists) and the global count of padded positions."""
-    per_rank, padded = [], 0
-    for r in range(dp):
-        mine = rank_share(positions, dp, r)
-        groups = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-        per_rank.append(groups)
-        padded += sum(len(g) * max(positions[i] for i in g) for g in groups)
-    return per_rank, padded
-
-
 def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, micro_batch_size: int, pad_id: int,
                     filter_uniform_groups: bool = False, max_tokens_per_microbatch: int | None = None,
                     cp_size: int = 1, cp_rank: int = 0, oversize: str = "alone",
@@ -182,25 +158,17 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     group_ids = torch.tensor([group_map.setdefault(t.group, len(group_map)) for t in kept], dtype=torch.long)
     lengths = [len(t.response_ids) for t in kept]
     teacher_mean = torch.tensor([sum(t.teacher_logprobs) / len(t.teacher_logprobs) for t in kept], dtype=torch.float64)
-    positions = [len(t.prompt_ids) + len(t.response_ids) - 1 for t in kept]  # tokens per trajectory
+    positions = [len(t.prompt_ids) + len(t.response_ids) - 1 for t in kept]  # packed length of each trajectory
+    seq_multiple = context_parallel_seq_multiple(cp_size)
     if max_tokens_per_microbatch is None:
-        layout, total = _padded_layout(positions, dp, micro_batch_size)
-        micro_batches = [_micro_batch([kept[r] for r in rows], rows, pad_id, topk=teacher_topk,
-                                      length_multiple=length_multiple) for rows in layout[dp_rank]]
-        if not micro_batches:  # fewer trajectories than DP ranks: a zero-weight micro-batch
-            micro_batches.append(_micro_batch([kept[0]], [0], pad_id, empty=True, topk=teacher_topk,
-                                              length_multiple=length_multiple))
-        count = max(max(len(g) for g in layout), 1)
+        plan = plan_padded(positions, dp=dp, micro_batch_size=micro_batch_size, length_multiple=length_multiple)
     else:
-        seq_multiple = 2 * cp_size if cp_size > 1 else 1
-        plan = plan_micro_batches(positions, max_tokens=max_tokens_per_microbatch, dp=dp, oversize=oversize,
-                                  seq_multiple=seq_multiple)
-        micro_batches = build_packed_micro_batches(_LazySequences(kept, teacher_topk), max_tokens=max_tokens_per_microbatch,
-                                                   dp=dp, dp_rank=dp_rank, plan=plan, pad_id=pad_id,
-                                                   seq_multiple=seq_multiple, cp_size=cp_size, cp_rank=cp_rank,
-                                                   total_multiple=length_multiple)
-        count = plan.num_micro_batches
-        total = sum(round_up(positions[i], seq_multiple) for rank in plan.micro_batches for mb in rank for i in mb)
+        plan = plan_packed(positions, max_tokens=max_tokens_per_microbatch, dp=dp, oversize=oversize,
+                           seq_multiple=seq_multiple)
+    micro_batches = build_micro_batches(plan, _LazySequences(kept, teacher_topk), dp_rank=dp_rank, pad_id=pad_id,
+                                        seq_multiple=seq_multiple, total_multiple=length_multiple, cp_size=cp_size,
+                                        cp_rank=cp_rank)
+    count, total = plan.num_micro_batches, plan.padded_positions
     real = sum(positions)
     return StepData(trajectories=kept, group_ids=group_ids, response_lengths=torch.tensor(lengths, dtype=torch.long),
                     correct=torch.tensor([t.correct for t in kept], dtype=torch.bool),
