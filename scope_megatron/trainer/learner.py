@@ -33,7 +33,7 @@ class Learner:
         from ..megatron_step import wrap_for_training
         from ..model import checkpoint as model_ckpt
         from ..model.arch import arch_from_hf_config, load_hf_config
-        from ..model.builder import build_gpt_model
+        from ..model.builder import ModelOptions, build_gpt_model, resolve_sequence_parallel, sequence_length_multiple
 
         self.dtype = dtype
         self.device = device
@@ -51,8 +51,11 @@ class Learner:
         else:
             raise ConfigError("model.student", f"{cfg.model.student!r} is neither a converted checkpoint "
                               "(scope_megatron.json) nor an HF directory (config.json)")
-        self.model = build_gpt_model(self.arch, params_dtype=dtype, impl=cfg.model.layer_impl,
-                                     perform_initialization=False, recompute=cfg.model.recompute)
+        options = ModelOptions.from_config(cfg)
+        self.model = build_gpt_model(self.arch, params_dtype=dtype, options=options, perform_initialization=False)
+        # what every micro-batch's sequence length must be a multiple of (sequence parallelism)
+        self.length_multiple = sequence_length_multiple(
+            resolve_sequence_parallel(options.sequence_parallel, cfg.parallel.tp), cfg.parallel.tp, cfg.parallel.cp)
         if from_hf:
             from ..model.hf_io import HFWeightReader, load_hf_into_model
 

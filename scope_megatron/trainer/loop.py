@@ -40,7 +40,7 @@ from ..config import Config, ConfigError, check_embedded_devices, check_world
 from ..parallel import Layout
 from ..rollout.types import RolloutBatch
 from .batching import StepData, build_step_data
-from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
 from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config
 from .learner import Learner
 from .metrics import MetricsLogger
@@ -86,6 +86,7 @@ class Trainer:
     rollouts: RolloutSource
     recorder: StepRecorder
     metrics: MetricsLogger | None
+    checkpoints: CheckpointManager | None
     weight_sync: WeightSync | None        # None for sft / kd (no engines)
     engine_version: int                   # the weight version the student engines serve
     last_saved_step: int
@@ -101,6 +102,7 @@ class Trainer:
         self.state = RunState()
         self.stop = StopRequest(run_dir=Path(config.run_dir), is_controller=False)
         self.metrics = None
+        self.checkpoints = None
         self.weight_sync = None
         self.engines = None
         self.services = None
@@ -148,7 +150,8 @@ class Trainer:
             self._load_data()
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if resume is not None:
-            self.state.load_state_dict(load_checkpoint(resume, **self.learner.checkpoint_parts()))
+            self.state.load_state_dict(load_checkpoint(resume, **self.learner.checkpoint_parts(),
+                                                       fully_parallel=cfg.checkpoint.fully_parallel))
             self.last_saved_step = self.state.step
             logger.info("resumed from %s at step %d", resume, self.state.step)
         self.engine_version = self.state.step
@@ -163,8 +166,9 @@ class Trainer:
                                      updates_per_batch=cfg.algorithm.updates_per_batch,
                                      configured_peak_tflops=cfg.logging.peak_tflops, is_controller=self.is_controller,
                                      packing=cfg.parallel.max_tokens_per_microbatch is not None)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_controller, tensorboard=cfg.logging.tensorboard,
-                                     use_tqdm=cfg.logging.tqdm, total_steps=cfg.steps, start_step=self.state.step)
+        self.checkpoints = CheckpointManager.from_config(cfg)
+        self.metrics = MetricsLogger.from_config(cfg, self.run_dir, enabled=self.is_controller,
+                                                 start_step=self.state.step)
 
     def _load_data(self) -> None:
         """Rank 0: tokenizer, prompt dataset and sampler (its position comes with a resume)."""
@@ -303,7 +307,8 @@ class Trainer:
                                    filter_uniform_groups=self.cfg.algorithm.filter_uniform_groups,
                                    max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
                                    cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences,
-                                   teacher_topk=self.learner.teacher_topk)
+                                   teacher_topk=self.learner.teacher_topk,
+                                   length_multiple=self.learner.length_multiple)
         except ValueError as exc:
             raise TrainingAborted(f"step {step}: {exc}") from exc
 
@@ -329,7 +334,7 @@ class Trainer:
         k = self.cfg.checkpoint
         with timer("checkpoint"):
             if k.every and step % k.every == 0:
-                self._save()
+                self._save(metrics)
             if step in k.export_hf_steps or (k.export_hf_every and step % k.export_hf_every == 0):
                 self.learner.export_hf(self.run_dir / "hf" / f"step_{step:08d}")
         metrics["time/checkpoint"] = timer.seconds["time/checkpoint"]
@@ -365,14 +370,16 @@ class Trainer:
         dist.barrier(group=self.control_group)
         return scalars
 
-    def _save(self) -> None:
+    def _save(self, metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint of the current step (a collective); ``metrics`` may hold ``checkpoint.keep_best``."""
         step = self.state.step
         learner = self.learner
-        save_checkpoint(self.cfg.checkpoint_dir, step, **learner.checkpoint_parts(), arch=learner.arch,
-                        hf_side_dir=learner.hf_side_dir, dtype=self.dtype, trainer_state=self.state.state_dict(),
-                        config_yaml=self.config_yaml, keep_last=self.cfg.checkpoint.keep_last)
+        self.checkpoints.save(step, **learner.checkpoint_parts(), arch=learner.arch, hf_side_dir=learner.hf_side_dir,
+                              dtype=self.dtype, trainer_state=self.state.state_dict(), config_yaml=self.config_yaml,
+                              metrics=metrics)
         self.last_saved_step = step
-        logger.info("checkpoint of step %d written to %s", step, self.cfg.checkpoint_dir)
+        logger.info("checkpoint of step %d %s %s", step, "being written to" if self.cfg.checkpoint.async_save
+                    else "written to", self.cfg.checkpoint_dir)
 
     def _release_engines(self) -> None:
         """Close the weight sync and the controller's clients, stop the embedded engines (idempotent)."""
@@ -385,7 +392,11 @@ class Trainer:
             self.engines.stop()
 
     def shutdown(self) -> None:
-        """Stop the engines and helpers of this rank (idempotent; also after errors)."""
+        """Stop the engines and helpers of this rank (idempotent; also after errors); an
+        asynchronous checkpoint write still in flight is completed first."""
+        if self.checkpoints is not None:
+            checkpoints, self.checkpoints = self.checkpoints, None
+            checkpoints.close()
         self._release_engines()
         if self.services is not None:
             self.services.close()

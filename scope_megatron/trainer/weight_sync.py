@@ -133,14 +133,24 @@ def trainer_probe_logprobs(model: Any, probe: Probe, vocab_size: int, device: to
     from ..objective import vocab_parallel_logprobs
     from ..packing import gather_from_context_parallel, pack_sequences, shard_for_context_parallel
 
+    from ..model.builder import sequence_length_multiple
+
     seq = probe.prompt_ids + probe.response_ids
+    cp = ps.get_context_parallel_world_size()
+    # sequence parallelism splits the row over the TP ranks: right padding (causal: the probe's
+    # positions do not see it) makes its length a multiple
+    sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
+    multiple = sequence_length_multiple(sequence_parallel, ps.get_tensor_model_parallel_world_size(), cp)
     tokens = torch.tensor([seq[:-1]], dtype=torch.long)
     targets = torch.tensor([seq[1:]], dtype=torch.long)
-    cp = ps.get_context_parallel_world_size()
     if cp > 1:
-        packed = pack_sequences([{"tokens": tokens[0], "targets": targets[0]}], seq_multiple=2 * cp)
+        packed = pack_sequences([{"tokens": tokens[0], "targets": targets[0]}], seq_multiple=2 * cp,
+                                total_multiple=multiple)
         mb: MicroBatch = shard_for_context_parallel(packed, cp, ps.get_context_parallel_rank())
     else:
+        pad = -tokens.shape[1] % multiple
+        tokens = torch.nn.functional.pad(tokens, (0, pad))
+        targets = torch.nn.functional.pad(targets, (0, pad))
         mb = MicroBatch(tokens, TokenFields(targets=targets), 0)
 
     def output_fn(logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
