@@ -29,7 +29,9 @@ Model and parallelism
 
 Rollouts and evaluation
 - ``rollout``: SGLang client, launcher, embedded engine, weight transfer, rewards, prompt data;
-  ``rollout.types`` holds ``Trajectory`` and ``RolloutBatch``.
+  ``rollout.types`` holds ``Trajectory`` and ``RolloutBatch``; the embedded engine is
+  ``rollout.engine`` (scheduler, sampling, weights) behind ``rollout.server`` (the HTTP routes),
+  run by ``rollout.embedded_server``.
 - ``evaluation``: ``scope-megatron eval``, Avg@k / Pass@k on the math benchmarks.
 
 Support

@@ -41,6 +41,7 @@ from fastapi import FastAPI
 
 from .engine import EmbeddedEngine, EngineConfig, EngineFatal
 from .protocol import ProtocolError
+from .readiness import wait_until_healthy
 from .server.auth import AuthMiddleware
 from .server.routes import ServerState, engine_fatal_handler, protocol_error_handler, router
 
@@ -276,13 +277,12 @@ def start_embedded_server(model_dir: str | Path, port: int = 0, host: str = "127
 def start_embedded_server_process(model_dir: str | Path, port: int, host: str = "127.0.0.1",
                                   extra_args: list[str] | None = None, log_path: str | Path | None = None,
                                   ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> EmbeddedServerHandle:
-    """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait for ``/health``.
+    """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait until
+    it serves (:func:`~.readiness.wait_until_healthy`: a cheap probe, then one ``/health``).
 
     The child does not inherit torchrun's rank environment (:data:`TORCHRUN_ENV_KEYS`,
     ``TORCHELASTIC_*``): an engine started by a trainer rank is no member of the trainer's world.
     ``env`` entries are added after that."""
-    import httpx
-
     cmd = [sys.executable, "-m", "scope_megatron.rollout.embedded_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), *(extra_args or [])]
     child_env = {k: v for k, v in os.environ.items()
@@ -297,21 +297,16 @@ def start_embedded_server_process(model_dir: str | Path, port: int, host: str = 
         log_file.close()
     url = f"http://{host}:{port}"
     handle = EmbeddedServerHandle(url=url, process=proc, log_path=Path(log_path) if log_path else None)
-    deadline = time.monotonic() + ready_timeout
-    while True:
+
+    def check_alive() -> None:
         if proc.poll() is not None:
             tail = Path(log_path).read_text(errors="replace")[-2000:] if log_path else ""
             raise RuntimeError(f"embedded server exited with code {proc.returncode} before becoming ready\n{tail}")
-        try:
-            if httpx.get(url + "/health", timeout=10.0).status_code == 200:
-                return handle
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            handle.stop()
-            raise RuntimeError(f"embedded server at {url} not healthy within {ready_timeout:.0f} s")
-        time.sleep(0.2)
 
+    if not wait_until_healthy(url, ready_timeout, check_alive):
+        handle.stop()
+        raise RuntimeError(f"embedded server at {url} not healthy within {ready_timeout:.0f} s")
+    return handle
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -11,7 +11,8 @@
   while the server is paused for one, and the router evicts a worker after 3 failed probes.
 - ``deterministic=True`` launches SGLang with ``--enable-deterministic-inference``: without it
   SGLang ignores a request's ``sampling_seed`` (``rollout.seeded``).
-- :meth:`RolloutServers.start` waits until every server answers ``/health`` (a process that
+- :meth:`RolloutServers.start` waits until every server answers ``/health``, all at once and
+  probing ``/health`` only once a cheap endpoint answers (:mod:`.readiness`; a process that
   exits meanwhile fails the start with its log tail, and everything started is stopped);
   :meth:`RolloutServers.stop` (also at interpreter exit) terminates the process groups.
 - :func:`external_endpoints` describes servers started elsewhere (multi-node) the same way.
@@ -32,13 +33,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import httpx
-
 from ..parallel import free_port
+from .readiness import wait_until_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -211,27 +212,39 @@ class RolloutServers:
             raise
 
     def _wait_healthy(self, procs: list[_Proc]) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        waiting = list(procs)
+        """Wait for all ``procs`` at once (:func:`~.readiness.wait_until_healthy` in a thread each);
+        the first one that exits fails the wait."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        while waiting:
-            for proc in list(waiting):
+        given_up = threading.Event()
+
+        def wait_for(proc: _Proc) -> bool:
+            def check_alive() -> None:
+                if given_up.is_set():
+                    raise RuntimeError("another server failed")
                 code = proc.popen.poll()
                 if code is not None:
                     tail = proc.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{proc.name} exited with code {code} before becoming healthy; "
                                        f"log {proc.log_path}:\n{tail}")
-                try:
-                    if httpx.get(proc.url + proc.health_path, timeout=5.0, headers=headers).status_code == 200:
-                        logger.info("%s is healthy", proc.name)
-                        waiting.remove(proc)
-                except httpx.HTTPError:
-                    pass
-            if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"not healthy within {self.ready_timeout_s:.0f} s: {[p.name for p in waiting]} "
-                                   f"(logs in {Path(self.run_dir) / 'logs'})")
-            if waiting:
-                time.sleep(0.5)
+
+            healthy = wait_until_healthy(proc.url, self.ready_timeout_s, check_alive, proc.health_path, headers,
+                                         request_timeout_s=5.0)
+            if healthy:
+                logger.info("%s is healthy", proc.name)
+            return healthy
+
+        pool = ThreadPoolExecutor(max_workers=max(len(procs), 1), thread_name_prefix="wait-healthy")
+        futures = {pool.submit(wait_for, proc): proc for proc in procs}
+        try:
+            waiting = [futures[f] for f in as_completed(futures) if not f.result()]
+        except BaseException:
+            given_up.set()
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        if waiting:
+            raise TimeoutError(f"not healthy within {self.ready_timeout_s:.0f} s: {[p.name for p in waiting]} "
+                               f"(logs in {Path(self.run_dir) / 'logs'})")
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Terminate every started process group (SIGTERM, then SIGKILL after ``grace_s``)."""
