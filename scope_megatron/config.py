@@ -62,6 +62,9 @@ class ParallelConfig:
     cp: int = 1                          # context parallel: each packed sequence split over cp ranks
     micro_batch_size: int = 4            # trajectories per padded micro-batch (per DP rank)
     max_tokens_per_microbatch: Optional[int] = None  # set: packed (THD) micro-batches of at most this many tokens
+    # packed only: token budget of the forward-only lp_old pass (no activations kept for a
+    # backward, so it can be larger); null = 2 x max_tokens_per_microbatch (forward_token_budget)
+    max_tokens_per_forward: Optional[int] = None
     oversize_sequences: str = "alone"    # a sequence over the token budget: alone (own micro-batch) | error
     use_distributed_optimizer: bool = True
     # split LayerNorm / residual / dropout activations over the TP ranks (auto: on when tp > 1);
@@ -70,6 +73,13 @@ class ParallelConfig:
     # how long a rank may wait in a collective (torch.distributed and megatron's groups); rank 0's
     # HTTP phases (weight-group formation, pause) sit between collectives. NCCL's default is 10
     distributed_timeout_minutes: int = 60
+
+    @property
+    def forward_token_budget(self) -> Optional[int]:
+        """The lp_old pass's token budget: max_tokens_per_forward, else 2 x the training budget (packed only)."""
+        if self.max_tokens_per_microbatch is None:
+            return None
+        return self.max_tokens_per_forward or 2 * self.max_tokens_per_microbatch
 
 
 @dataclass
@@ -179,7 +189,9 @@ class OptimizerConfig:
 
 @dataclass
 class SyncConfig:
-    transport: str = "distributed"       # distributed (NCCL on GPU, gloo on CPU) | disk
+    # distributed (NCCL on GPU, gloo on CPU) | disk | tensor (in memory; placement=colocated,
+    # which uses it whatever is set here)
+    transport: str = "distributed"
     bucket_mb: float = 512.0
     disk_dir: Optional[str] = None       # disk transport: a path the engines can read (default RUN_DIR/weight_sync)
     flattened_bucket: bool = False
@@ -252,6 +264,9 @@ class Config:
     run_dir: str = "runs/scope"
     steps: int = 100
     seed: int = 1234
+    # separate: the student engines have GPUs of their own. colocated: they share the trainer's
+    # (memory handed back and forth every step, weights pushed in memory; docs/training.md)
+    placement: str = "separate"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -405,19 +420,38 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (a mapping in ``top`` updates the one in ``base``)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; a top-level ``base: other.yaml`` (relative to the file) is read
+    first and this file's keys override it, so a variant states only what differs."""
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} not found")
+    if p.resolve() in seen:
+        raise ConfigError(str(p), "base: configs include each other in a cycle")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), "the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: base", f"must be a path to another config file, got {base!r}")
+    return _merge(_read_yaml(p.parent / base, (*seen, p.resolve())), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read ``path`` (YAML), apply ``overrides``, build and validate the :class:`Config`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(p), f"not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(str(p), "the top level must be a mapping")
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         _set_path(data, keys, value)
@@ -466,6 +500,12 @@ def validate(c: Config) -> None:
     budget = c.parallel.max_tokens_per_microbatch
     if budget is not None:
         _require(budget >= 1, "parallel.max_tokens_per_microbatch", f"must be >= 1 or null, got {budget}")
+    forward_budget = c.parallel.max_tokens_per_forward
+    if forward_budget is not None:
+        _require(budget is not None, "parallel.max_tokens_per_forward",
+                 "needs packed micro-batches: set parallel.max_tokens_per_microbatch")
+        _require(forward_budget >= budget, "parallel.max_tokens_per_forward",
+                 f"must be >= parallel.max_tokens_per_microbatch ({budget}), got {forward_budget}")
     _choice(c.parallel.oversize_sequences, "parallel.oversize_sequences", ("alone", "error"))
     if c.parallel.cp > 1:
         _require(budget is not None, "parallel.max_tokens_per_microbatch",
@@ -513,6 +553,19 @@ def validate(c: Config) -> None:
     if c.rollout.max_staleness > 0:
         _require(not c.supervised, "rollout.max_staleness",
                  f"algorithm.preset={a.preset!r} trains on given text: there is no generation to overlap (use 0)")
+    _choice(c.placement, "placement", ("separate", "colocated"))
+    if c.placement == "colocated":
+        _require(not c.supervised, "placement", f"algorithm.preset={a.preset!r} runs no student engine to colocate")
+        _require(c.rollout.max_staleness == 0, "placement",
+                 "colocated engines and the trainer take turns on the same devices, so generation cannot "
+                 "overlap training: use rollout.max_staleness=0, or placement=separate for asynchronous rollouts")
+        _require(c.sync.transport != "disk", "sync.transport",
+                 "colocated engines get their weights in memory (update_weights_from_tensor); the disk transport "
+                 "does not apply")
+    else:
+        _require(c.sync.transport != "tensor", "sync.transport",
+                 "tensor handles (CUDA IPC, shared memory) reach only engines on the trainer's own devices: "
+                 "set placement=colocated, or use distributed / disk")
     if a.updates_per_batch > 1 and objective.clip_eps is None:
         raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
     if objective.topk_kl != "none":
@@ -526,7 +579,7 @@ def validate(c: Config) -> None:
     _require(o.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", "must be >= 0")
     _choice(o.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
     s = c.sync
-    _choice(s.transport, "sync.transport", ("distributed", "disk"))
+    _choice(s.transport, "sync.transport", ("distributed", "disk", "tensor"))
     _check_master_address(s.master_address)
     _require(s.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _require(s.probe_tokens >= 1, "sync.probe_tokens", "must be >= 1")

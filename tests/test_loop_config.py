@@ -42,6 +42,11 @@ def test_tiny_config_and_overrides():
     ("parallel.max_tokens_per_microbatch=0", "parallel.max_tokens_per_microbatch"),
     ("parallel.oversize_sequences=split", "parallel.oversize_sequences"),
     ("algorithm.topk_kl=sideways", "algorithm"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness"),
+    ("algorithm.off_policy_correction=is", "algorithm"),
+    ("algorithm.tis_cap=0", "algorithm"),
+    ("placement=shared", "placement"),
+    ("sync.transport=tensor", "sync.transport"),  # handles reach only colocated engines
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:
@@ -74,7 +79,40 @@ def test_topk_kl_config():
         assert info.value.field == field, str(info.value)
 
 
-@pytest.mark.parametrize("name", ["r1_distill_qwen_1p5b_from_skywork_or1_7b.yaml", "qwen3_1p7b_base_from_qwen3_8b.yaml"])
+@pytest.mark.parametrize("overrides, field", [
+    (["placement=colocated", "rollout.max_staleness=1"], "placement"),  # they take turns: nothing to overlap
+    (["placement=colocated", "sync.transport=disk"], "sync.transport"),
+    (["placement=colocated", "algorithm.preset=sft"], "placement"),
+    (["rollout.max_staleness=1", "algorithm.preset=kd"], "rollout.max_staleness"),
+    (["algorithm.off_policy_correction=tis", "algorithm.preset=sft"], "algorithm"),
+])
+def test_asynchronous_and_colocated_combinations(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY_CONFIG, overrides)
+    assert info.value.field == field, str(info.value)
+    cfg = load_config(TINY_CONFIG, ["rollout.max_staleness=1", "algorithm.off_policy_correction=tis"])
+    assert cfg.objective_config().off_policy_correction == "tis" and cfg.objective_config().tis_cap == 2.0
+    assert load_config(TINY_CONFIG, ["placement=colocated"]).placement == "colocated"
+
+
+def test_a_config_states_what_differs_from_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY_CONFIG.read_text())
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nsteps: 7\nrollout:\n  group_size: 3\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    base = load_config(TINY_CONFIG)
+    assert (cfg.steps, cfg.rollout.group_size) == (7, 3)
+    assert cfg.rollout.max_new_tokens == base.rollout.max_new_tokens and cfg.model == base.model  # merged per section
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["r1_distill_qwen_1p5b_from_skywork_or1_7b.yaml", "qwen3_1p7b_base_from_qwen3_8b.yaml",
+                                  "r1_distill_qwen_1p5b_from_skywork_or1_7b_colocated.yaml",
+                                  "qwen3_1p7b_base_from_qwen3_8b_colocated.yaml"])
 def test_paper_configs_have_the_paper_hyperparameters(name):
     cfg = load_config(REPO / "configs" / name)
     assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size) == (256, 8)

@@ -100,6 +100,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-tokenizer-init", action="store_true", help="serve input_ids only")
     p.add_argument("--enable-deterministic-inference", action="store_true",
                    help="honour sampling_seed (SGLang's flag: without it sampling_seed is ignored)")
+    # SGLang's flags of these names (srt/server_args.py): /release_memory_occupation frees memory
+    # only with the memory saver; the CPU backup keeps the weights' values over a release
+    p.add_argument("--enable-memory-saver", action="store_true",
+                   help="release_memory_occupation frees the weights and cache (colocated engines)")
+    p.add_argument("--enable-weights-cpu-backup", action="store_true",
+                   help="keep a CPU copy of the weights while released (restored on resume)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -148,7 +154,8 @@ def main(argv: list[str]) -> int:
         model_path=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
         context_length=args.context_length, random_seed=args.random_seed, weight_version=args.weight_version,
         skip_tokenizer_init=args.skip_tokenizer_init, served_model_name=args.served_model_name,
-        enable_deterministic_inference=args.enable_deterministic_inference))
+        enable_deterministic_inference=args.enable_deterministic_inference,
+        enable_memory_saver=args.enable_memory_saver, enable_weights_cpu_backup=args.enable_weights_cpu_backup))
 
     def on_fatal(exc: BaseException) -> None:
         # SGLang's scheduler sends SIGQUIT to the server, which kills its process tree

@@ -152,7 +152,12 @@ class WeightTransfer:
     ``transport="distributed"`` uses ``update_weights_from_distributed`` over a group this
     object creates (``backend`` gloo on CPU, nccl on GPU; default: nccl when CUDA is available);
     ``transport="disk"`` writes safetensors under ``disk_dir`` (a path every engine can read)
-    and uses ``update_weights_from_disk``. Call :meth:`update` each step, :meth:`close` at the end.
+    and uses ``update_weights_from_disk``; ``transport="tensor"`` hands colocated engines (on
+    this machine, on this rank's devices) handles to the tensors with
+    ``update_weights_from_tensor`` (:class:`~scope_megatron.rollout.tensor_transport.TensorWeightSender`:
+    CUDA IPC handles on a GPU, shared memory on CPU), and also moves their memory out of the
+    way (:meth:`release_memory` / :meth:`resume_memory`). Call :meth:`update` each step,
+    :meth:`close` at the end.
 
     Servers may outlive the trainer (and a killed trainer leaves them paused, with a session
     open and its group alive): before its first group is formed this object runs
@@ -172,8 +177,8 @@ class WeightTransfer:
                  request_timeout_s: float = 1800.0, group_timeout_s: float = 600.0,
                  verify_version: bool = True, group_record: str | Path | None = None,
                  recovery_timeout_s: float = 60.0):
-        if transport not in ("distributed", "disk"):
-            raise ValueError(f"transport must be 'distributed' or 'disk', got {transport!r}")
+        if transport not in ("distributed", "disk", "tensor"):
+            raise ValueError(f"transport must be 'distributed', 'disk' or 'tensor', got {transport!r}")
         if transport == "disk" and disk_dir is None:
             raise ValueError("transport='disk' needs disk_dir (a path shared with the engines)")
         if not engine_urls:
@@ -190,6 +195,7 @@ class WeightTransfer:
         self.keep_disk_versions = keep_disk_versions
         self.pause_mode = pause_mode
         self.flattened_bucket = flattened_bucket
+        self.api_key = api_key
         self.tp_sizes = list(tp_sizes) if tp_sizes is not None else None
         self.request_timeout_s = request_timeout_s
         self.group_timeout_s = group_timeout_s
@@ -202,6 +208,7 @@ class WeightTransfer:
         self._group: Any = None
         self._recovered = False
         self._written: list[Path] = []
+        self._senders: list[Any] | None = None  # transport "tensor"
 
     # ------------------------------------------------------------------ helpers
     def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
@@ -405,6 +412,8 @@ class WeightTransfer:
             transfer_start = time.monotonic()
             if self.transport == "distributed":
                 self._send_distributed(named_tensors, version, stats)
+            elif self.transport == "tensor":
+                self._send_tensor(named_tensors, version, stats)
             else:
                 self._send_disk(named_tensors, version, stats)
             stats.seconds_transfer = time.monotonic() - transfer_start
@@ -420,6 +429,36 @@ class WeightTransfer:
         logger.info("weight update %s: %d tensors, %.1f MiB in %d buckets, %.2f s (%s)", version, stats.num_tensors,
                     stats.num_bytes / 2**20, stats.num_buckets, stats.seconds_total, self.transport)
         return stats
+
+    def _tensor_senders(self) -> list[Any]:
+        """One in-memory sender per (colocated) engine, made on first use."""
+        if self._senders is None:
+            from .tensor_transport import TensorWeightSender
+
+            self._senders = [TensorWeightSender(url, bucket_bytes=self.bucket_bytes, flattened_bucket=self.flattened_bucket,
+                                                api_key=self.api_key, tp_size=tp, timeout_s=self.request_timeout_s)
+                             for url, tp in zip(self.engine_urls, self._engine_tp_sizes())]
+        return self._senders
+
+    def _send_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str,
+                     stats: WeightUpdateStats) -> None:
+        """Handles to the tensors, in buckets, to every engine (its own begin/end session)."""
+        senders = self._tensor_senders()
+        named = named_tensors if len(senders) == 1 else list(named_tensors)
+        for sender in senders:
+            sent = sender.send(named, weight_version=version)
+            stats.num_tensors, stats.num_bytes = int(sent["tensors"]), int(sent["bytes"])
+            stats.num_buckets = int(sent["requests"])
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated engines (idle) free their GPU memory: ``/release_memory_occupation``."""
+        for sender in self._tensor_senders():
+            sender.release(tags)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated engines take their memory back; their weights come with the next :meth:`update`."""
+        for sender in self._tensor_senders():
+            sender.resume(tags)
 
     def _raise_first(self, results: list[Any], what: str) -> None:
         for url, r in zip(self.engine_urls, results):
@@ -534,6 +573,9 @@ class WeightTransfer:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Destroy the broadcast group on the engines and here; close the clients."""
+        for sender in self._senders or []:
+            sender.close()
+        self._senders = None
         try:
             if self._group is not None:
                 try:

@@ -38,6 +38,10 @@ def engine_server_args(config: EngineConfig, log_level: str = "warning") -> list
         args.append("--skip-tokenizer-init")
     if config.enable_deterministic_inference:
         args.append("--enable-deterministic-inference")
+    if config.enable_memory_saver:
+        args.append("--enable-memory-saver")
+    if config.enable_weights_cpu_backup:
+        args.append("--enable-weights-cpu-backup")
     return args
 
 
@@ -45,11 +49,14 @@ def embedded_engine_config(cfg: Config, role: str, model_dir: str | Path, dtype:
                            weight_version: str) -> EngineConfig:
     """The embedded ``role`` ("student" or "teacher") engine of a run: its device and batch size
     from the config, the trainer's dtype, and ``sampling_seed`` honoured when rollouts are seeded
-    (SGLang honours it only with ``--enable-deterministic-inference``)."""
+    (SGLang honours it only with ``--enable-deterministic-inference``). A colocated student runs
+    with the memory saver (its memory is released while the trainer trains)."""
     section = cfg.rollout if role == "student" else cfg.teacher
+    colocated = role == "student" and cfg.placement == "colocated"
     return EngineConfig(model_path=str(model_dir), device=section.embedded_device or None, dtype=dtype,
                         max_batch_size=section.embedded_max_batch_size, random_seed=cfg.seed,
-                        weight_version=weight_version, enable_deterministic_inference=cfg.rollout.seeded)
+                        weight_version=weight_version, enable_deterministic_inference=cfg.rollout.seeded,
+                        enable_memory_saver=colocated)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ..parallel import Layout
 from ..rollout.types import RolloutBatch
 from .batching import StepData, build_step_data
 from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
+from .colocation import Colocation
 from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config
 from .learner import Learner
 from .metrics import MetricsLogger
@@ -88,6 +89,7 @@ class Trainer:
     metrics: MetricsLogger | None
     checkpoints: CheckpointManager | None
     weight_sync: WeightSync | None        # None for sft / kd (no engines)
+    colocation: Colocation | None         # placement: colocated
     engine_version: int                   # the weight version the student engines serve
     last_saved_step: int
     # rank 0
@@ -104,6 +106,7 @@ class Trainer:
         self.metrics = None
         self.checkpoints = None
         self.weight_sync = None
+        self.colocation = None
         self.engines = None
         self.services = None
         self.dataset = None
@@ -225,13 +228,19 @@ class Trainer:
                             s.master_address)
         dist.broadcast_object_list(probe, src=0, group=self.control_group)
         learner = self.learner
+        colocated = cfg.placement == "colocated"
         self.weight_sync = WeightSync(
             model=learner.model, ddp_model=learner.ddp_model, arch=learner.arch, control_group=self.control_group,
-            engine_urls=self.services.worker_urls if self.services else None, transport=s.transport,
+            engine_urls=self.services.worker_urls if self.services else None,
+            transport="tensor" if colocated else s.transport,
             bucket_bytes=int(s.bucket_mb * 2**20), disk_dir=s.disk_dir or (self.run_dir / "weight_sync"),
             master_address=master_address, flattened_bucket=s.flattened_bucket, timeout_s=s.timeout_s,
             verify=s.verify, tolerance=s.verify_tolerance or default_verify_tolerance(self.dtype), probe=probe[0],
             api_key=cfg.rollout.api_key, log_path=self.run_dir / "sync_probe.jsonl", device=self.device)
+        if colocated:
+            self.colocation = Colocation(ddp_model=learner.ddp_model, optimizer=learner.optimizer,
+                                         weight_sync=self.weight_sync, control_group=self.control_group,
+                                         is_controller=self.is_controller, device=self.device)
         if not cfg.embedded_student:
             self.weight_sync.sync(self.state.step)
 
@@ -273,6 +282,9 @@ class Trainer:
             return self._finish_step(step, metrics, timer)
         self.state.empty_steps_in_a_row = 0
         metrics.update(self.recorder.data_metrics(step, data))
+        if self.colocation is not None:  # the engines hand the devices over
+            with timer("colocation"):
+                metrics.update(self.colocation.to_training())
         with timer("old_logprobs"):
             old = self.learner.old_logprobs(data)  # None for sft / kd
         update = None
@@ -286,6 +298,9 @@ class Trainer:
                 metrics.update(self.recorder.plan_metrics(plan) | self.recorder.update_metrics(update))
                 if update.failure is not None:
                     self.state.count_nonfinite(step, update.failure, self.cfg.faults.max_nonfinite_steps)
+        if self.colocation is not None:  # and take them back; their weights come with the sync
+            with timer("colocation"):
+                metrics.update(self.colocation.to_generation())
         with timer("rollout_wait"):  # asynchronous rollouts: the engines finish the next batch first
             self.rollouts.finish_prefetch()
         updated = update is not None and update.updated
