@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,19 @@ def _owner_stage(pm: ParamMap, arch: ModelArch, pp: int) -> int:
 
 
 @torch.no_grad()
+def _exported_params(model: torch.nn.Module, arch: ModelArch) -> dict[str, tuple[Any, torch.Tensor]]:
+    """This stage's parameters by stage-independent megatron name, with their mapping (a tied
+    output layer is left out: the embedding is exported and the last stage's copy equals it)."""
+    offset = layer_offset(model)
+    params = {}
+    for name, param in model.named_parameters():
+        pm = local_param_map(arch, name, offset)
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue
+        params[pm.megatron_name] = (pm, param)
+    return params
+
+
 def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on every rank (a collective).
@@ -147,13 +160,7 @@ def export_hf_tensors(model: torch.nn.Module, arch: ModelArch,
     pp_group = ps.get_pipeline_model_parallel_group()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    offset = layer_offset(model)
-    local_params = {}
-    for name, param in model.named_parameters():
-        pm = local_param_map(arch, name, offset)
-        if name == "output_layer.weight" and arch.tie_word_embeddings:
-            continue  # the embedding is exported; the last stage's tied copy equals it
-        local_params[pm.megatron_name] = (pm, param)
+    local_params = {name: (pm, param) for name, (pm, param) in _exported_params(model, arch).items()}
     device = next(model.parameters()).device
     out_dtype = dtype or model.config.params_dtype
     hf_shapes = expected_hf_shapes(arch)
@@ -217,13 +224,7 @@ def export_hf_tensors_to_rank0(model: torch.nn.Module, arch: ModelArch,
     if rank == 0 and (tp_rank, pp_rank) != (0, 0):
         raise RuntimeError(f"global rank 0 is TP rank {tp_rank} of pipeline stage {pp_rank}, expected TP rank 0 of "
                            "stage 0 (megatron's default rank order)")
-    offset = layer_offset(model)
-    local_params = {}
-    for name, param in model.named_parameters():
-        pm = local_param_map(arch, name, offset)
-        if name == "output_layer.weight" and arch.tie_word_embeddings:
-            continue  # the embedding is exported; the last stage's tied copy equals it
-        local_params[pm.megatron_name] = param
+    local_params = {name: param for name, (_, param) in _exported_params(model, arch).items()}
     device = next(model.parameters()).device
     out_dtype = dtype or model.config.params_dtype
     coordinates = _replica_coordinates(device)
