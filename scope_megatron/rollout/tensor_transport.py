@@ -38,9 +38,11 @@ import logging
 import pickle
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+
+from .weight_transfer import iter_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -214,26 +216,6 @@ def flattened_bucket(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any
     return {"flattened_tensor": torch.cat(pieces), "metadata": metadata}
 
 
-def iter_size_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of at most ``bucket_bytes`` (a larger tensor travels alone); a name twice is refused."""
-    seen: set[str] = set()
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        if name in seen:
-            raise ValueError(f"tensor {name!r} is sent twice in one update")
-        seen.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
 def update_weights_from_tensor_body(payload: Any, tp_size: int = 1, load_format: str | None = None,
                                     weight_version: str | None = None, flush_cache: bool = True,
                                     abort_all_requests: bool = False) -> dict[str, Any]:
@@ -318,7 +300,7 @@ class TensorWeightSender:
         self._control("/begin_weight_update")
         try:
             pending: list[tuple[str, torch.Tensor]] | None = None
-            for bucket in iter_size_buckets(named_tensors, self.bucket_bytes):
+            for bucket in iter_buckets(named_tensors, self.bucket_bytes):  # refuses a name sent twice
                 if pending is not None:
                     self._send_bucket(pending, None, False, stats)
                 pending = bucket
