@@ -323,7 +323,8 @@ class Trainer:
                                    max_tokens_per_microbatch=p.max_tokens_per_microbatch, cp_size=self.layout.cp,
                                    cp_rank=self.layout.cp_rank, oversize=p.oversize_sequences,
                                    teacher_topk=self.learner.teacher_topk,
-                                   length_multiple=self.learner.length_multiple)
+                                   length_multiple=self.learner.length_multiple,
+                                   max_tokens_per_forward=p.forward_token_budget)
         except ValueError as exc:
             raise TrainingAborted(f"step {step}: {exc}") from exc
 
