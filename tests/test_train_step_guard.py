@@ -103,9 +103,20 @@ def _guard_worker(rank: int, world: int, dist_opt: bool) -> dict:
     return out
 
 
+def _both_optimizers_worker(rank: int, world: int) -> dict[bool, dict]:
+    """:func:`_guard_worker` with the distributed optimizer and with the plain one, in one spawn."""
+    return {dist_opt: _guard_worker(rank, world, dist_opt) for dist_opt in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def guard_results() -> list[dict[bool, dict]]:
+    # one spawn of 2 ranks for both variants: process start-up dominates the run time
+    return run_ranks(_both_optimizers_worker, world_size=2, timeout=300)
+
+
 @pytest.mark.parametrize("dist_opt", [True, False], ids=["distopt", "opt"])
-def test_nonfinite_gradient_skips_update_inside_train_step(dist_opt):
-    per_rank = run_ranks(_guard_worker, world_size=2, args=(dist_opt,), timeout=300)
+def test_nonfinite_gradient_skips_update_inside_train_step(dist_opt, guard_results):
+    per_rank = [rank_out[dist_opt] for rank_out in guard_results]
     for got in per_rank:
         assert got["first_ok"] and got["after_ok"]
         for name in ("nan", "inf"):
