@@ -81,6 +81,7 @@ __all__ = [
     "plan_packed",
     "plan_padded",
     "rank_share",
+    "replan_packed",
     "round_up",
     "unpack",
 ]
@@ -418,6 +419,13 @@ def plan_packed(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, oversiz
             "(longest %d tokens; said once per process, later ones at DEBUG level)", len(too_long), max_tokens,
             max(weights[i] for i in too_long))
     shares = partition_balanced(weights, dp, balance)
+    return MicroBatchPlan(per_rank=_cut_shares(shares, weights, max_tokens), layout="packed",
+                          padded_positions=sum(weights), filler=_shortest(weights), max_tokens=max_tokens,
+                          oversize=too_long)
+
+
+def _cut_shares(shares: list[list[int]], weights: Sequence[int], max_tokens: int) -> list[list[list[int]]]:
+    """Each rank's share cut into the same number of micro-batches of at most ``max_tokens``."""
     first_fit = [_first_fit_decreasing(share, weights, max_tokens) for share in shares]
     count = max(1, max(len(bins) for bins in first_fit))
     per_rank = []
@@ -428,8 +436,24 @@ def plan_packed(lengths: Sequence[int], *, max_tokens: int, dp: int = 1, oversiz
         # longest micro-batches first (the same order on every rank is not required, but stable)
         spread.sort(key=lambda mb: (-sum(weights[i] for i in mb), min(mb, default=len(weights))))
         per_rank.append([sorted(mb) for mb in spread])
-    return MicroBatchPlan(per_rank=per_rank, layout="packed", padded_positions=sum(weights), filler=_shortest(weights),
-                          max_tokens=max_tokens, oversize=too_long)
+    return per_rank
+
+
+def replan_packed(plan: MicroBatchPlan, lengths: Sequence[int], *, max_tokens: int,
+                  seq_multiple: int = 1) -> MicroBatchPlan:
+    """``plan``'s DP shares (every rank keeps its sequences) cut by another token budget.
+
+    For the forward-only lp_old pass: it keeps no activations for a backward, so it can run fewer,
+    larger micro-batches than training, and each rank then holds lp_old for exactly the sequences
+    it trains on. ``lengths`` and ``seq_multiple`` as given to :func:`plan_packed`.
+    """
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    weights = [round_up(int(n), seq_multiple) for n in lengths]
+    shares = [sorted(i for mb in rank for i in mb) for rank in plan.per_rank]
+    return MicroBatchPlan(per_rank=_cut_shares(shares, weights, max_tokens), layout="packed",
+                          padded_positions=sum(weights), filler=plan.filler, max_tokens=max_tokens,
+                          oversize=[i for i, w in enumerate(weights) if w > max_tokens])
 
 
 def filler_sequence(sequence: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,9 @@ References: ``old_logprobs``' per-trajectory means against a plain torch computa
 model run on each trajectory alone, log_softmax, mean over the response tokens); the loss and
 gradient norm of ``make_loss_fn`` must not depend on the layout (padded, packed by several
 budgets), and lp_old recomputed at the current weights must give the same loss and gradient as
-no lp_old at all (rho = 1 in value), which fails when lp_old is looked up for the wrong micro-batch.
+no lp_old at all (rho = 1 in value), which fails when lp_old is looked up for the wrong micro-batch
+or laid out at the wrong tokens. The same with the forward pass on its own, larger token budget
+(fewer rows, mapped back onto the training rows), and with context parallelism (CP = 2).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from scope_megatron.rollout.types import Trajectory
 from tests.dist_utils import run_ranks
 
-LAYOUTS = [None, 24, 64, 4096]  # None: padded (micro_batch_size 2); else packed by that budget
+# (training budget, forward budget): None: padded (micro_batch_size 2); else packed by that budget
+LAYOUTS = [(None, None), (24, None), (64, None), (4096, None), (24, 4096), (24, 48)]
 
 
 def _trajectories(vocab: int, n: int = 9, seed: int = 3) -> list[Trajectory]:
@@ -63,11 +66,15 @@ def _worker(rank: int, world: int) -> dict:
     ddp, opt, sched = wrap_for_training(model, lr=0.0, weight_decay=0.0, clip_grad=1e6, use_distributed_optimizer=False)
     objective = ObjectiveConfig()
     out = {"expected": expected, "layouts": {}}
-    for budget in LAYOUTS:
-        data = build_step_data(trajectories, dp=world, dp_rank=rank, micro_batch_size=2, pad_id=0,
-                               max_tokens_per_microbatch=budget)
+
+    def run(key, ddp, opt, sched, **layout):
+        data = build_step_data(trajectories, micro_batch_size=2, pad_id=0, **layout)
+        if layout.get("max_tokens_per_forward"):
+            assert len(data.forward_micro_batches) < len(data.micro_batches)
         old = old_logprobs(ddp, data, vocab_size=arch.vocab_size, temperature=1.0, device=torch.device("cpu"))
         assert len(old.per_micro_batch) == len(data.micro_batches)
+        for mb, lp in zip(data.micro_batches, old.per_micro_batch):
+            assert lp.shape == mb.tokens.shape
         plan = plan_batch(objective, group_ids=data.group_ids, response_lengths=data.response_lengths,
                           correct=data.correct, student_logprob_mean=old.trajectory_means.float(),
                           teacher_logprob_mean=data.teacher_logprob_mean.float(), rewards=data.rewards)
@@ -77,7 +84,20 @@ def _worker(rank: int, world: int) -> dict:
                                    use_topk=False, old_logprobs=lp_old)
             step = train_step(ddp, opt, sched, data.micro_batches, loss_fn)
             results[name] = (step.loss, step.grad_norm)
-        out["layouts"][budget] = {"means": old.trajectory_means, "results": results}
+        out["layouts"][key] = {"means": old.trajectory_means, "results": results}
+
+    for budget, forward in LAYOUTS:
+        run((budget, forward, 1), ddp, opt, sched, dp=world, dp_rank=rank, max_tokens_per_microbatch=budget,
+            max_tokens_per_forward=forward)
+    # context parallelism: both ranks hold chunks of every packed trajectory (DP = 1)
+    layout = init_parallel(1, 1, cp=2)
+    cp_model = build_gpt_model(arch)
+    cp_model.load_state_dict(model.state_dict())
+    cp_ddp, cp_opt, cp_sched = wrap_for_training(cp_model, lr=0.0, weight_decay=0.0, clip_grad=1e6,
+                                                 use_distributed_optimizer=False)
+    for budget, forward in ((24, None), (24, 4096)):
+        run((budget, forward, 2), cp_ddp, cp_opt, cp_sched, dp=1, dp_rank=0, max_tokens_per_microbatch=budget,
+            max_tokens_per_forward=forward, cp_size=2, cp_rank=layout.cp_rank)
     return out
 
 
@@ -90,11 +110,12 @@ def test_old_logprob_means_match_plain_torch_in_every_layout(ranks):
     for out in ranks:
         for budget, layout in out["layouts"].items():
             torch.testing.assert_close(layout["means"], out["expected"], rtol=0, atol=2e-6, msg=f"layout {budget}")
-    torch.testing.assert_close(ranks[0]["layouts"][None]["means"], ranks[1]["layouts"][None]["means"], rtol=0, atol=0)
+    padded = (None, None, 1)
+    torch.testing.assert_close(ranks[0]["layouts"][padded]["means"], ranks[1]["layouts"][padded]["means"], rtol=0, atol=0)
 
 
 def test_loss_is_layout_independent_and_old_logprobs_line_up(ranks):
-    reference_loss, reference_norm = ranks[0]["layouts"][None]["results"]["none"]
+    reference_loss, reference_norm = ranks[0]["layouts"][(None, None, 1)]["results"]["none"]
     assert reference_norm > 0
     for out in ranks:
         for budget, layout in out["layouts"].items():

@@ -44,6 +44,10 @@ def old_logprobs(ddp_model, data: StepData, *, vocab_size: int, temperature: flo
                  device: torch.device) -> OldLogprobs:
     """lp_old of ``data.micro_batches`` under the current weights (forward only, no gradient).
 
+    The pass runs on ``data.forward_micro_batches`` when the step has them (a larger token budget:
+    fewer, longer rows) and lays each trajectory's log-probs back out in the training
+    micro-batches' layout; otherwise on the training micro-batches themselves.
+
     The per-trajectory means are sums over each trajectory's response tokens divided by its
     response length: the sums add up over micro-batches, DP ranks and (context parallelism) the CP
     ranks that each hold part of a packed trajectory, in one all-reduce over the world on
@@ -58,17 +62,60 @@ def old_logprobs(ddp_model, data: StepData, *, vocab_size: int, temperature: flo
         return vocab_parallel_logprobs(logits, mb.fields.targets, vocab_size=vocab_size, temperature=temperature,
                                        check_finite=False).detach()
 
-    outputs = run_forward(ddp_model, data.micro_batches, output_fn)
-    per_micro_batch = [lp.cpu() for lp in outputs]
+    forward = data.forward_micro_batches or data.micro_batches
+    outputs = [lp.cpu() for lp in run_forward(ddp_model, forward, output_fn)]
     sums = torch.zeros(data.num_trajectories, dtype=torch.float64)
-    for mb, lp in zip(data.micro_batches, per_micro_batch):
+    for mb, lp in zip(forward, outputs):
         mask = mb.fields.response_mask
         sums.index_add_(0, mb.fields.trajectory_of_tokens()[mask], lp[mask].double())
     if ps.get_tensor_model_parallel_rank() != 0:
         sums.zero_()
     sums = sums.to(device)
     dist.all_reduce(sums)
-    return OldLogprobs(per_micro_batch=per_micro_batch, trajectory_means=sums.cpu() / data.response_lengths.double())
+    means = sums.cpu() / data.response_lengths.double()
+    if forward is data.micro_batches or not outputs:  # same layout, or a stage without logits
+        return OldLogprobs(per_micro_batch=outputs, trajectory_means=means)
+    by_trajectory = _per_trajectory(forward, outputs, device)
+    return OldLogprobs(per_micro_batch=[_lay_out(by_trajectory, mb) for mb in data.micro_batches],
+                       trajectory_means=means)
+
+
+def _per_trajectory(micro_batches, outputs, device) -> dict[int, torch.Tensor]:
+    """{global trajectory index: log-probs [L] over its whole sequence} from packed forward outputs."""
+    from ..packing import gather_from_context_parallel, unpack
+
+    out: dict[int, torch.Tensor] = {}
+    for mb, lp in zip(micro_batches, outputs):
+        if mb.cp_size == 1 and mb.num_loss_tokens == 0:
+            continue  # a filler: nothing of it is needed
+        # under CP each rank holds two chunks of every slot, and the training rows chunk their
+        # (differently placed) slots too, so the whole row is gathered first: a collective, which
+        # every CP rank runs for every micro-batch (a CP shard may hold no loss token of a real row)
+        whole = gather_from_context_parallel(lp.to(device), mb).cpu()
+        for trajectory, piece in zip(mb.fields.trajectory_index.tolist(), unpack(whole, mb)):
+            out[trajectory] = piece
+    return out
+
+
+def _lay_out(by_trajectory: dict[int, torch.Tensor], mb) -> torch.Tensor:
+    """One training micro-batch's lp_old in its own layout ([b, s] padded, [1, T / cp] packed);
+    zero on padding and for trajectories without response tokens here (fillers)."""
+    from ..batch import PackedMicroBatch
+
+    trajectories = mb.fields.trajectory_index.tolist()
+    if not isinstance(mb, PackedMicroBatch):
+        values = torch.zeros(mb.tokens.shape, dtype=torch.float32)
+        for row, trajectory in enumerate(trajectories):
+            if trajectory in by_trajectory:
+                piece = by_trajectory[trajectory]
+                values[row, :piece.numel()] = piece
+        return values
+    whole = torch.zeros(int(mb.slot_bounds[-1]), dtype=torch.float32)
+    for start, trajectory in zip(mb.slot_bounds[:-1].tolist(), trajectories):
+        if trajectory in by_trajectory:
+            piece = by_trajectory[trajectory]
+            whole[start:start + piece.numel()] = piece
+    return whole[mb.local_index()].unsqueeze(0)
 
 
 def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int, temperature: float,

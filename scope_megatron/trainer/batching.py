@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..batch import MicroBatch
-from ..packing import build_micro_batches, context_parallel_seq_multiple, plan_packed, plan_padded
+from ..packing import build_micro_batches, context_parallel_seq_multiple, plan_packed, plan_padded, replan_packed
 from ..rollout.types import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class StepData:
     rewards: torch.Tensor                # [N] float32
     teacher_logprob_mean: torch.Tensor   # [N] float64
     micro_batches: list[MicroBatch]      # this rank's (PackedMicroBatch when packed)
+    # this rank's micro-batches for the forward-only lp_old pass when it has its own (larger)
+    # token budget: the same trajectories as micro_batches, packed into fewer rows; None: micro_batches
+    forward_micro_batches: list[MicroBatch] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     padding_fraction: float = 0.0        # padding positions / all positions, over every DP rank's micro-batches
     num_micro_batches: int = 0           # per DP rank (the same on every rank)
@@ -136,7 +139,8 @@ class _LazySequences(SequenceABC):
 def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, micro_batch_size: int, pad_id: int,
                     filter_uniform_groups: bool = False, max_tokens_per_microbatch: int | None = None,
                     cp_size: int = 1, cp_rank: int = 0, oversize: str = "alone",
-                    teacher_topk: int = 0, length_multiple: int = 1) -> StepData | None:
+                    teacher_topk: int = 0, length_multiple: int = 1,
+                    max_tokens_per_forward: int | None = None) -> StepData | None:
     """Global tensors and this rank's micro-batches; None when every trajectory was filtered out.
 
     ``max_tokens_per_microbatch=None`` forms padded micro-batches of ``micro_batch_size``
@@ -148,6 +152,9 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
     ``length_multiple``: every micro-batch's sequence dimension (padded s, packed T before the CP
     split) is a multiple of it: :func:`scope_megatron.model.builder.sequence_length_multiple`, for
     sequence parallelism.
+    ``max_tokens_per_forward`` (packed only): the token budget of the forward-only lp_old pass's
+    micro-batches (``forward_micro_batches``: this rank's training trajectories, repacked); None or
+    not above the training budget: the pass runs on the training micro-batches.
     """
     if cp_size > 1 and max_tokens_per_microbatch is None:
         raise ValueError("context parallelism needs packed micro-batches: set max_tokens_per_microbatch")
@@ -169,9 +176,19 @@ def build_step_data(trajectories: list[Trajectory], *, dp: int, dp_rank: int, mi
                                         seq_multiple=seq_multiple, total_multiple=length_multiple, cp_size=cp_size,
                                         cp_rank=cp_rank)
     count, total = plan.num_micro_batches, plan.padded_positions
+    forward_micro_batches = None
+    if max_tokens_per_forward is not None:
+        if max_tokens_per_microbatch is None:
+            raise ValueError("max_tokens_per_forward needs packed micro-batches: set max_tokens_per_microbatch")
+        if max_tokens_per_forward > max_tokens_per_microbatch:
+            forward_plan = replan_packed(plan, positions, max_tokens=max_tokens_per_forward, seq_multiple=seq_multiple)
+            forward_micro_batches = build_micro_batches(
+                forward_plan, _LazySequences(kept, teacher_topk), dp_rank=dp_rank, pad_id=pad_id,
+                seq_multiple=seq_multiple, total_multiple=length_multiple, cp_size=cp_size, cp_rank=cp_rank)
     real = sum(positions)
     return StepData(trajectories=kept, group_ids=group_ids, response_lengths=torch.tensor(lengths, dtype=torch.long),
                     correct=torch.tensor([t.correct for t in kept], dtype=torch.bool),
                     rewards=torch.tensor([t.reward for t in kept], dtype=torch.float32),
-                    teacher_logprob_mean=teacher_mean, micro_batches=micro_batches, dropped=dropped,
+                    teacher_logprob_mean=teacher_mean, micro_batches=micro_batches,
+                    forward_micro_batches=forward_micro_batches, dropped=dropped,
                     padding_fraction=1.0 - real / max(total, real, 1), num_micro_batches=count)
