@@ -359,3 +359,29 @@ def _quietly(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except httpx.HTTPError:
         return None
+
+
+def test_client_release_resume_and_tensor_update(engine_server, dirs):
+    """SGLangClient's colocated calls against the engine: release, resume, then a push."""
+    import asyncio
+
+    from scope_megatron.rollout.client import SGLangClient
+
+    server = engine_server()
+    use_file_system_sharing()
+    state = state_of(dirs[1])
+    payload = flattened_bucket(list(state.items()))
+
+    async def go():
+        async with SGLangClient(server.url) as client:
+            await client.release_memory_occupation()
+            await client.resume_memory_occupation(["kv_cache", "weights", "cuda_graph"])
+            await client.begin_weight_update()
+            message = await client.update_weights_from_tensor([serialize_for_sglang(payload)],
+                                                              load_format="flattened_bucket", weight_version="c1")
+            await client.end_weight_update()
+            return message, await client.weight_version()
+
+    message, version = asyncio.run(go())
+    assert message == "Success Weight version updated to c1." and version == "c1"
+    assert weight(server.url, "model.norm.weight") == state["model.norm.weight"].tolist()

@@ -627,6 +627,29 @@ class SGLangClient:
         data = await self._control("/update_weights_from_disk", body, timeout_s=timeout_s)
         return str((data or {}).get("message", ""))
 
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
+                                         flush_cache: bool = True, weight_version: str | None = None,
+                                         timeout_s: float | None = None) -> str:
+        """``/update_weights_from_tensor``: one base64 serializer payload per engine TP rank
+        (:func:`~.tensor_transport.serialize_for_sglang`; the tensors it shares must stay alive
+        until this returns). Returns the server's message."""
+        body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
+                                "load_format": load_format, "flush_cache": flush_cache,
+                                "abort_all_requests": False, "weight_version": weight_version}
+        data = await self._control("/update_weights_from_tensor", body, timeout_s=timeout_s)
+        return str((data or {}).get("message", ""))
+
+    async def release_memory_occupation(self, tags: Sequence[str] | None = None,
+                                        timeout_s: float | None = None) -> None:
+        """``/release_memory_occupation`` of ``tags`` (None: weights, kv_cache, cuda_graph). The
+        server must be idle: SGLang's scheduler dies otherwise."""
+        await self._control("/release_memory_occupation", {"tags": list(tags) if tags else None}, timeout_s=timeout_s)
+
+    async def resume_memory_occupation(self, tags: Sequence[str] | None = None,
+                                       timeout_s: float | None = None) -> None:
+        """``/resume_memory_occupation`` of ``tags``; resumed weights hold undefined values until pushed."""
+        await self._control("/resume_memory_occupation", {"tags": list(tags) if tags else None}, timeout_s=timeout_s)
+
     async def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> None:
         """``/update_weight_version`` (relabel; SGLang's default would abort all requests)."""
         await self._control("/update_weight_version", {"new_version": new_version,
