@@ -215,7 +215,10 @@ class CheckpointConfig:
     export_hf_every: int = 0
     keep_best: str = ""                  # a metric name (e.g. eval/mean/avg@1): its best checkpoint survives pruning
     keep_best_mode: str = "max"          # max | min: which value of keep_best is best
-    fully_parallel: bool = True          # spread checkpoint writes / reads over the data-parallel ranks
+    # spread checkpoint writes / reads over the data-parallel ranks; off by default: megatron-core
+    # 0.19's fully-parallel save can hand the "common_state" object to a rank whose copy is None,
+    # and the checkpoint then fails to load (seen once in four CPU runs; docs/training.md)
+    fully_parallel: bool = False
     async_save: bool = False             # write model + optimizer shards in a forked process while training goes on
 
 
