@@ -12,7 +12,8 @@ Training
   ``trainer.state`` (``RunState``, checkpointed whole; ``StopRequest``), ``trainer.learner``
   (model, optimizer, the two passes), ``trainer.rollout_source`` (rank 0 collects, every rank
   receives; generation one batch ahead), ``trainer.engines`` (embedded engines, the controller's
-  connections), ``trainer.step_metrics`` (a step's metrics), ``trainer.controller`` (one step's
+  connections), ``trainer.step_metrics`` (a step's metrics), ``trainer.colocation`` (devices handed between
+  colocated engines and the trainer), ``trainer.controller`` (one step's
   rollouts, teacher scores, rewards), ``trainer.batching``, ``trainer.weight_sync``,
   ``trainer.checkpointing``, ``trainer.metrics`` / ``trainer.sinks`` (where metrics go).
 - ``objective``: the SCOPE math (routing, group weights, vocab-parallel log-probs, loss).
