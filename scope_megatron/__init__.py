@@ -32,7 +32,9 @@ Rollouts and evaluation
 - ``rollout``: SGLang client, launcher, embedded engine, weight transfer, rewards, prompt data;
   ``rollout.types`` holds ``Trajectory`` and ``RolloutBatch``; the embedded engine is
   ``rollout.engine`` (scheduler, sampling, weights) behind ``rollout.server`` (the HTTP routes),
-  run by ``rollout.embedded_server``.
+  run by ``rollout.embedded_server``; ``rollout.batch_transport`` sends a step's batch to every
+  rank as flat tensors, ``rollout.tensor_transport`` pushes weights in memory to colocated engines,
+  ``rollout.readiness`` waits for a server to answer.
 - ``evaluation``: ``scope-megatron eval``, Avg@k / Pass@k on the math benchmarks.
 
 Support
