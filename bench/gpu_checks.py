@@ -16,10 +16,17 @@ Checks, each printed as ``{"check": NAME, "ok": true|false, ...figures}``:
    teacher engines on the training GPU, disk weight sync), 2 steps with a checkpoint per step.
 4. ``resume``: the same run resumed from its latest checkpoint for a third step: the step counter
    continues (metrics for steps 1, 2, 3, "resumed from" logged), losses finite.
-5. ``recompute``: one step with ``model.recompute=true`` (megatron's full recompute; on GPU without
+5. ``recompute``: one step with ``model.recompute=full`` (megatron's full recompute; on GPU without
    TE, the local layers); its step-1 loss is compared with ``scope_train``'s (same seed and data).
 6. ``loss_compile``: the torch.compile'd log-prob kernels against the eager ones (values, entropy and
    gradient, fp32 math from bf16 logits, tolerance 1e-3) and ``bench/loss.py`` timing both.
+7. ``knobs``: ``bench/train_step.py`` (megatron only, Qwen3-0.6B shape at 4096 tokens; ``--small``: the
+   tiny model at 128) once per model knob, each against the baseline (fusions auto, no recompute):
+   fusions off, recompute selective / full, packed THD rows (8 sequences) with fusions auto and off
+   (fused RoPE's THD kernel), and, with two or more devices (or on CPU), TP2 under torchrun with
+   sequence parallelism off / on. Each variant's tokens/s, peak memory and resolved settings; ok
+   when every variant ran and its first-step loss equals its baseline's (same weights and batch;
+   relative tolerance 2e-2 in bf16, 1e-5 in fp32).
 
 ``--small`` (SMALL=1 in the shell script) shrinks every size for a CPU dry run; there the devices
 are ``cpu``. Logs go to ``--out`` (default ``$OUT`` or /tmp/gpu_checks).
@@ -177,7 +184,7 @@ def check_training(work: Path, out: Path, small: bool) -> None:
          step2_checkpoint_reused="resumed from" in resumed_log, **({} if code == 0 else {"log_tail": _tail(log)}))
 
     rc_dir = work / "recompute_run"
-    code, _, secs = run([*train, f"run_dir={rc_dir}", "steps=1", "model.recompute=true", *common], log, timeout)
+    code, _, secs = run([*train, f"run_dir={rc_dir}", "steps=1", "model.recompute=full", *common], log, timeout)
     rc = _metrics(rc_dir)
     rc_loss = rc.get(1, {}).get("loss/total")
     ref_loss = metrics.get(1, {}).get("loss/total")
@@ -224,6 +231,55 @@ def check_loss_kernels(out: Path, small: bool) -> None:
          max_diff_grad=diffs[2], tol=1e-3, first_calls_seconds=compile_seconds, bench_time_ms=timing)
 
 
+KNOB_VARIANTS = {  # name: (train_step.py switches, baseline name or None)
+    "baseline": ([], None),
+    "fusions_off": (["--fusions", "off"], "baseline"),
+    "recompute_selective": (["--recompute", "selective"], "baseline"),
+    "recompute_full": (["--recompute", "full"], "baseline"),
+    "packed": (["--packed", "8"], None),
+    "packed_fusions_off": (["--packed", "8", "--fusions", "off"], "packed"),
+    "tp2_sp_off": (["--tp", "2", "--sequence-parallel", "off"], None),
+    "tp2_sp_on": (["--tp", "2", "--sequence-parallel", "on"], "tp2_sp_off"),
+}
+
+
+def check_knobs(out: Path, small: bool) -> None:
+    import torch
+
+    log = out / "knobs.log"
+    model, seq = ("tiny", 128) if small else ("qwen3-0.6b", 4096)
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 2  # CPU: two gloo ranks
+    tol = 1e-5 if not torch.cuda.is_available() else 2e-2
+    variants, errors = {}, {}
+    for name, (switches, _) in KNOB_VARIANTS.items():
+        tp2 = "--tp" in switches
+        if tp2 and devices < 2:
+            variants[name] = {"skipped": f"needs 2 devices, {devices} visible"}
+            continue
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+            if tp2 else [sys.executable]
+        code, stdout, secs = run([*launcher, str(REPO / "bench" / "train_step.py"), "--model", model, "--seq-len",
+                                  str(seq), "--steps", "3", "--warmup", "1", "--frameworks", "megatron", *switches],
+                                 log, 600)
+        result = (_last_json(stdout) or {}).get("megatron")
+        if code != 0 or not result or "error" in result:
+            errors[name] = (result or {}).get("error") or f"exit {code}"
+            variants[name] = {"error": errors[name], "log_tail": _tail(log)}
+            continue
+        keep = ("tokens_per_s", "step_time_s", "mfu", "peak_mem_gib", "peak_rss_gib", "first_loss", "fusions",
+                "recompute", "sequence_parallel", "layer_impl")
+        variants[name] = {k: result[k] for k in keep if k in result} | {"seconds": secs}
+    mismatched = []
+    for name, (_, base) in KNOB_VARIANTS.items():
+        got, ref = variants[name].get("first_loss"), variants.get(base, {}).get("first_loss") if base else None
+        if got is not None and ref is not None:
+            variants[name]["same_loss_as"] = base
+            if not math.isclose(got, ref, rel_tol=tol):
+                mismatched.append(name)
+    emit("knobs", not errors and not mismatched, model=model, seq_len=seq, loss_rel_tol=tol,
+         loss_mismatch=mismatched, errors=errors, variants=variants)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_checks"))
@@ -231,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16-tol", type=float, default=0.5)
     parser.add_argument("--fp32-tol", type=float, default=1e-3)
     parser.add_argument("--only", nargs="+", default=None,
-                        choices=["env", "parity", "training", "loss"], help="run only these sections")
+                        choices=["env", "parity", "training", "loss", "knobs"], help="run only these sections")
     args = parser.parse_args(argv)
 
     from scope_megatron.device_check import probe_transformer_engine
@@ -241,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = args.only or ["env", "parity", "training", "loss"]
+    sections = args.only or ["env", "parity", "training", "loss", "knobs"]
     with tempfile.TemporaryDirectory(prefix="gpu_checks_") as tmp:
         work = Path(tmp)
         start = time.time()
@@ -253,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             check_training(work, out, args.small)
         if "loss" in sections:
             check_loss_kernels(out, args.small)
+        if "knobs" in sections:
+            check_knobs(out, args.small)
         failed = [r["check"] for r in RECORDS if not r["ok"]]
         emit("total", not failed, seconds=round(time.time() - start, 1), small=args.small, failed=failed)
     return 0 if not failed else 1

@@ -3,8 +3,10 @@
 # ({"check": ..., "ok": ..., figures}), see bench/gpu_checks.py for what each covers and its tolerance:
 #   env (versions, device check, megatron's HAVE_TE), parity_bf16 / parity_fp32 (HF vs megatron,
 #   layer_impl auto), scope_train (2 SCOPE steps, embedded engines on the training GPU, disk sync),
-#   resume (1 more step from the latest checkpoint), recompute (model.recompute=true), loss_compile
-#   (torch.compile'd log-prob kernels vs eager, bench/loss.py timing); then the GPU-marked tests.
+#   resume (1 more step from the latest checkpoint), recompute (model.recompute=full), loss_compile
+#   (torch.compile'd log-prob kernels vs eager, bench/loss.py timing), knobs (bench/train_step.py with
+#   and without each model knob: fusions, recompute selective / full, packed rows, TP2 + sequence
+#   parallelism when 2 GPUs are visible; tokens/s, peak memory, same first loss); then the GPU-marked tests.
 # BENCH=1 adds the throughput benchmarks (bench/train_step.py for Qwen3-0.6B / 4B shapes, bench/loss.py
 # at 4096 / 16384 tokens, bench/packing.py), several more minutes.
 # The device machine has torch and transformers but no megatron-core: carry its wheel in .whl/
@@ -33,7 +35,7 @@ if [ "${BENCH:-0}" = 1 ]; then
   else SEQ=4096; MODELS="qwen3-0.6b qwen3-4b"; LOSS_ARGS="--tokens 4096 16384"
     PACK_ARGS="--scale 1 --model qwen3-0.6b --dtype bfloat16 --sequences 32 --micro-batch-size 2 --max-tokens 16384"; fi
   for m in $MODELS; do
-    extra=""; [ "$m" = qwen3-4b ] && extra="--recompute"  # 4B: 18 bytes/param of Adam state + activations
+    extra=""; [ "$m" = qwen3-4b ] && extra="--recompute full"  # 4B: 18 bytes/param of Adam state + activations
     $PY bench/train_step.py --model $m --seq-len $SEQ $extra 2>>"$OUT/bench.log" | tee -a "$OUT/train_step.jsonl"
   done
   $PY bench/loss.py $LOSS_ARGS 2>>"$OUT/bench.log" | tee -a "$OUT/loss.jsonl"
