@@ -52,6 +52,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing an older ``final`` (kept as
+    ``final.old`` until the new one is in place)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out_dir`` when the block succeeds (all ranks).
@@ -76,14 +89,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if _rank() == 0:
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     _barrier()
 
 

@@ -468,15 +468,7 @@ class CheckpointManager:
         """Rename ``step_N.partial`` to ``step_N`` (replacing an older one) on rank 0, then prune."""
         _barrier()
         if _rank() == 0:
-            final, tmp = pending.final, pending.tmp
-            if final.exists():
-                old = final.with_name(final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
+            model_ckpt.replace_dir(pending.tmp, pending.final)
             for leftover in self.root.glob("step_*.partial"):  # what a killed run left behind
                 shutil.rmtree(leftover, ignore_errors=True)
             self._prune()
