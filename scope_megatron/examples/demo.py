@@ -166,8 +166,12 @@ def sft_config(model: Path, train: Path, run_dir: Path, steps: int, lr: float, b
 
 
 def scope_config(student: Path, teacher: Path, train: Path, test: Path, run_dir: Path, s: DemoSettings,
-                 preset: str = "scope", group_size: int | None = None, seed: int | None = None) -> dict:
-    """The SCOPE run: embedded engines, weight sync with probe check, math-verify rewards, in-loop eval."""
+                 preset: str = "scope", group_size: int | None = None, seed: int | None = None,
+                 algorithm_overrides: dict | None = None) -> dict:
+    """The SCOPE run: embedded engines, weight sync with probe check, math-verify rewards, in-loop eval.
+
+    ``algorithm_overrides`` are ``algorithm.*`` fields set last (``{"topk_kl": None}`` turns the
+    demo's top-k KL off, ``{"topk_kl": "reverse"}`` on)."""
     return {
         "run_dir": str(run_dir), "steps": s.scope_steps, "seed": s.seed if seed is None else seed,
         "model": {"student": str(student)},
@@ -177,7 +181,7 @@ def scope_config(student: Path, teacher: Path, train: Path, test: Path, run_dir:
                     "max_new_tokens": s.max_new_tokens, "temperature": s.scope_temperature, "max_retries": 1,
                     "request_timeout_s": 300, "embedded_max_batch_size": 64},
         "teacher": {"model": str(teacher), "embedded_max_batch_size": 64},
-        "algorithm": {"preset": preset, "reward_workers": 1},
+        "algorithm": {"preset": preset, "reward_workers": 1, **(algorithm_overrides or {})},
         "optimizer": {"lr": s.scope_lr, "weight_decay": 0.0},
         "sync": {"bucket_mb": 16, "timeout_s": 300},
         "checkpoint": {"every": 0, "keep_last": 1, "save_at_end": False},
