@@ -8,7 +8,7 @@ import math
 import pytest
 
 from scope_megatron.evaluation.metrics import (MetricError, aggregate, avg_at_k, benchmark_metrics, check_ks,
-                                               mean_over_benchmarks, parse_ks, pass_at_k_bootstrap,
+                                               mean_over_benchmarks, mean_standard_errors, parse_ks, pass_at_k_bootstrap,
                                                pass_at_k_unbiased, problem_metrics)
 from scope_megatron.evaluation.runner import EvalError, EvalSettings, default_ks
 
@@ -137,6 +137,22 @@ def test_mean_over_benchmarks_is_unweighted():
     big = benchmark_metrics([[True]] * 3 + [[False]], [1], name="big")     # 0.75 over 4 problems
     small = benchmark_metrics([[False]], [1], name="small")                # 0.0 over 1 problem
     assert mean_over_benchmarks([big, small]) == {"avg@1": 0.375, "pass@1": 0.375}
+
+
+def test_standard_error_over_problems_hand_worked():
+    # per-problem Avg@1: 1, 0, 0.5 -> mean 0.5, sample sd sqrt((0.25 + 0.25 + 0) / 2) = 0.5
+    score = benchmark_metrics([[True, True], [False, False], [True, False]], [1, 2], name="b")
+    assert score.metrics["avg@1"] == pytest.approx(0.5)
+    assert score.standard_errors["avg@1"] == pytest.approx(0.5 / math.sqrt(3))
+    # Pass@2 per problem: 1, 0, 1 -> sd sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3)
+    assert score.standard_errors["pass@2"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    one = benchmark_metrics([[True, False]], [1], name="one")
+    assert one.standard_errors["avg@1"] == 0.0
+    other = benchmark_metrics([[True], [False]], [1], name="other")  # sd sqrt(0.5) -> se 0.5
+    assert other.standard_errors["avg@1"] == pytest.approx(0.5)
+    # the mean over two benchmarks: sqrt(se1^2 + se2^2) / 2
+    both = mean_standard_errors([benchmark_metrics([[True, True], [False, False], [True, False]], [1]), other])
+    assert both["avg@1"] == pytest.approx(math.sqrt(0.25 / 3 + 0.25) / 2)
 
 
 def test_parse_and_check_ks():

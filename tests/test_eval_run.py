@@ -259,8 +259,13 @@ def test_trainer_evaluate_returns_named_scalars(server, pool, bench_files, token
     assert scalars["eval/amc23/pass@2"] == pytest.approx(0.5)
     assert scalars["eval/mean/avg@1"] == pytest.approx(7 / 12)
     assert scalars["eval/aime24/truncated"] == 0.0 and scalars["eval/time_s"] > 0
-    assert {k for k in scalars if k.startswith("eval/mean/")} == {"eval/mean/avg@1", "eval/mean/avg@2",
-                                                                   "eval/mean/pass@1", "eval/mean/pass@2"}
+    assert {k for k in scalars if k.startswith("eval/mean/")} == {
+        f"eval/mean/{m}{se}" for m in ("avg@1", "avg@2", "pass@1", "pass@2") for se in ("", "_se")}
+    # standard errors over problems: aime24 per-problem accuracy 1, 1, 0 (sd sqrt(1/3), 3 problems);
+    # amc23 1, 0 (sd sqrt(1/2), 2 problems); their mean sqrt(se1^2 + se2^2) / 2
+    assert scalars["eval/aime24/avg@1_se"] == pytest.approx(1 / 3)
+    assert scalars["eval/amc23/avg@1_se"] == pytest.approx(0.5)
+    assert scalars["eval/mean/avg@1_se"] == pytest.approx((1 / 9 + 1 / 4) ** 0.5 / 2)
 
 
 # ------------------------------------------------------------------------------ the command

@@ -23,7 +23,7 @@ unweighted mean of the benchmark numbers, as in the paper's "Avg" column.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -135,6 +135,9 @@ class BenchmarkScore:
     num_problems: int
     num_samples: int
     metrics: dict[str, float]
+    # standard error of each metric over problems: sample sd / sqrt(problems) (0 with one problem);
+    # it counts both the sampling noise within a problem and the spread between problems
+    standard_errors: dict[str, float] = field(default_factory=dict)
 
 
 def aggregate(per_problem: Sequence[Mapping[str, float]], name: str = "", num_samples: int = 0) -> BenchmarkScore:
@@ -146,7 +149,11 @@ def aggregate(per_problem: Sequence[Mapping[str, float]], name: str = "", num_sa
         if list(m.keys()) != keys:
             raise MetricError(f"benchmark {name!r}: problem {i} has metrics {sorted(m)}, expected {sorted(keys)}")
     metrics = {key: float(np.mean([m[key] for m in per_problem])) for key in keys}
-    return BenchmarkScore(name=name, num_problems=len(per_problem), num_samples=num_samples, metrics=metrics)
+    count = len(per_problem)
+    errors = {key: float(np.std([m[key] for m in per_problem], ddof=1) / np.sqrt(count)) if count > 1 else 0.0
+              for key in keys}
+    return BenchmarkScore(name=name, num_problems=count, num_samples=num_samples, metrics=metrics,
+                          standard_errors=errors)
 
 
 def mean_over_benchmarks(scores: Sequence[BenchmarkScore]) -> dict[str, float]:
@@ -155,6 +162,14 @@ def mean_over_benchmarks(scores: Sequence[BenchmarkScore]) -> dict[str, float]:
         return {}
     keys = list(scores[0].metrics.keys())
     return {key: float(np.mean([s.metrics[key] for s in scores])) for key in keys}
+
+
+def mean_standard_errors(scores: Sequence[BenchmarkScore]) -> dict[str, float]:
+    """Standard error of :func:`mean_over_benchmarks`: ``sqrt(sum se_b^2) / B`` (benchmarks independent)."""
+    if not scores:
+        return {}
+    keys = list(scores[0].standard_errors.keys())
+    return {key: float(np.sqrt(sum(s.standard_errors[key] ** 2 for s in scores)) / len(scores)) for key in keys}
 
 
 def benchmark_metrics(correct_lists: Sequence[Sequence[bool]], ks: Sequence[int], estimator: str = "unbiased",

@@ -42,7 +42,7 @@ from ..rollout.protocol import ProtocolError, SamplingParams
 from ..rollout.rewards import STATUSES, MathRewardPool, RewardResult, last_boxed_content
 from .benchmarks import Benchmark, Problem, load_benchmarks
 from .metrics import (BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, ESTIMATOR_DESCRIPTIONS, ESTIMATORS, BenchmarkScore,
-                      benchmark_metrics, check_ks, mean_over_benchmarks)
+                      benchmark_metrics, check_ks, mean_over_benchmarks, mean_standard_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -220,15 +220,21 @@ class EvalResult:
     wall_time_s: float
     out_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    mean_standard_errors: dict[str, float] = field(default_factory=dict)  # of ``mean``, by metric
 
     def scalars(self, prefix: str = "eval") -> dict[str, float]:
-        """``{"<prefix>/<benchmark>/avg@k": .., ..., "<prefix>/mean/pass@k": ..}`` (fractions)."""
+        """``{"<prefix>/<benchmark>/avg@k": .., ..., "<prefix>/mean/pass@k": ..}`` (fractions), and each
+        metric's standard error over problems as ``.../avg@k_se``."""
         out: dict[str, float] = {}
         for b in self.benchmarks:
             for key, value in b.score.metrics.items():
                 out[f"{prefix}/{b.benchmark.name}/{key}"] = value
+            for key, value in b.score.standard_errors.items():
+                out[f"{prefix}/{b.benchmark.name}/{key}_se"] = value
         for key, value in self.mean.items():
             out[f"{prefix}/mean/{key}"] = value
+        for key, value in self.mean_standard_errors.items():
+            out[f"{prefix}/mean/{key}_se"] = value
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -250,6 +256,7 @@ class EvalResult:
                     "num_problems": b.score.num_problems,
                     "num_samples": b.score.num_samples,
                     "metrics": b.score.metrics,
+                    "standard_errors": b.score.standard_errors,
                     "status_counts": b.status_counts,
                     "truncated_fraction": b.truncated_fraction,
                     "mean_response_tokens": b.mean_response_tokens,
@@ -257,6 +264,7 @@ class EvalResult:
                     "problems_generated": b.num_generated,
                 } for b in self.benchmarks},
             "mean": self.mean,
+            "mean_standard_errors": self.mean_standard_errors,
             "wall_time_s": self.wall_time_s,
             **self.extra,
         }
@@ -475,7 +483,8 @@ async def run_evaluation_async(client: SGLangClient, benchmarks: Sequence[Benchm
         records = [done[b.name][p.id] for p in b.problems]
         results.append(_summarise(b, records, settings, resumed[b.name], len(records) - resumed[b.name]))
     result = EvalResult(settings=settings, benchmarks=results,
-                        mean=mean_over_benchmarks([r.score for r in results]), model=model_name,
+                        mean=mean_over_benchmarks([r.score for r in results]),
+                        mean_standard_errors=mean_standard_errors([r.score for r in results]), model=model_name,
                         wall_time_s=time.monotonic() - start, out_dir=Path(out_dir) if out_dir is not None else None)
     if out_dir is not None and write_results:
         out = Path(out_dir)
