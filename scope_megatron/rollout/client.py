@@ -437,6 +437,9 @@ class SGLangClient:
         response = [int(t) for t in response_ids]
         if not prompt:
             raise ValueError("score(): the prompt is empty")
+        # The temperature sent does not change the values: SGLang 0.5.23 returns prompt log-probs at
+        # temperature 1 whatever it is (layers/logprob_processor.py:726, 734; docs/training.md,
+        # "Temperature handling").
         body = self._generate_body(prompt + response, {"max_new_tokens": 0, "temperature": 1.0}, True,
                                    top_logprobs_num, logprob_start_len=len(prompt) - 1)
         data = await self._json("POST", "/generate", body)

@@ -27,6 +27,9 @@ def record_prompt_logprobs(req: GenRequest, prompt_logits: torch.Tensor) -> None
     """Fill ``req.input_*`` for prompt tokens ``logprob_start_len .. P-1`` at temperature 1.
 
     ``prompt_logits``: [P, V], row ``i`` predicting prompt token ``i + 1``."""
+    # The request's temperature is not applied: SGLang 0.5.23 takes prompt rows as log_softmax of
+    # the raw logits (layers/logprob_processor.py:726, 734 in InputLogprobProcessor, which never
+    # reads sampling_info) and has no request field or server flag that scales them.
     start = req.logprob_start_len
     prompt = req.prompt_ids
     lps: list[float | None] = []
