@@ -28,7 +28,12 @@ class EngineConfig:
     device: str | None = None            # None: cuda when available, else cpu
     dtype: str = "auto"                  # auto | float32 | bfloat16 | float16
     max_batch_size: int = 32
-    batch_wait_s: float = 0.003          # how long a new batch waits for companions
+    # a new batch waits for companions until none arrived for batch_wait_s, at most batch_wait_max_s:
+    # the requests of one rollout step reach the server one HTTP request at a time, and a batch
+    # runs to completion, so a batch closed at the first arrival would run the step in pieces
+    # (SGLang admits arrivals into the running batch at every step instead)
+    batch_wait_s: float = 0.01
+    batch_wait_max_s: float = 0.1
     context_length: int | None = None    # None: config.max_position_embeddings
     random_seed: int = 0
     weight_version: str = "default"

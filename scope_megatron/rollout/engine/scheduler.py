@@ -221,12 +221,8 @@ class Scheduler:
                 self._cond.wait_for(lambda: self._stopping or (self._waiting and self._paused is None))
                 if self._stopping:
                     return
-                first = self._waiting[0].created
-                remaining = self.config.batch_wait_s - (time.monotonic() - first)
-                if remaining > 0 and len(self._waiting) < self.config.max_batch_size:
-                    self._cond.wait(timeout=remaining)
-                    if self._stopping or self._paused is not None or not self._waiting:
-                        continue
+                if not self._gather_companions():
+                    continue
                 batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.config.max_batch_size))]
                 self._running = batch
             try:
@@ -240,6 +236,21 @@ class Scheduler:
                 with self._cond:
                     self._running = []
                     self._cond.notify_all()
+
+    def _gather_companions(self) -> bool:
+        """Hold the queue (lock held) until no request arrived for ``batch_wait_s``, the oldest has
+        waited ``batch_wait_max_s``, or a full batch is queued; False when a stop, a pause or an
+        abort emptied it meanwhile."""
+        while len(self._waiting) < self.config.max_batch_size:
+            now = time.monotonic()
+            remaining = min(self.config.batch_wait_s - (now - self._waiting[-1].created),
+                            self.config.batch_wait_max_s - (now - self._waiting[0].created))
+            if remaining <= 0:
+                break
+            self._cond.wait(timeout=remaining)
+            if self._stopping or self._paused is not None or not self._waiting:
+                return False
+        return True
 
     def between_steps(self, batch: list[GenRequest]) -> bool:
         """Act on a pause between decode steps; True when the batch left the worker
