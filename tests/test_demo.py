@@ -13,6 +13,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from scope_megatron.examples import demo
 
@@ -43,10 +44,11 @@ def test_task_solutions_are_correct_and_verifiable(tmp_path):
 
 
 def test_plot_and_curves(tmp_path):
-    metrics = [{"step": 0, "eval/mean/avg@1": 0.1}, {"step": 1, "reward/accuracy": 0.2},
+    metrics = [{"step": 0, "eval/mean/avg@1": 0.1, "eval/mean/avg@1_se": 0.01}, {"step": 1, "reward/accuracy": 0.2},
                {"step": 2, "reward/accuracy": 0.4, "eval/mean/avg@1": 0.5}]
     held, rollout = demo.accuracy_curves(metrics)
     assert held == [(0, 0.1), (2, 0.5)] and rollout == [(1, 0.2), (2, 0.4)]
+    assert demo.held_out_errors(metrics) == [0.01, 0.0]
     png = demo.plot_accuracy(metrics, 0.9, tmp_path / "a.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -61,9 +63,15 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     s = demo.DemoSettings.tiny()
-    assert [step for step, _ in summary["held_out_curve"]] == list(range(0, s.scope_steps + 1))
+    assert summary["method"] == "SCOPE + top-32 reverse KL" and summary["seed"] == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(summary["held_out_curve_se"]) == len(summary["held_out_curve"])
+    config = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config the run saved
+    assert config["algorithm"]["topk_kl"] == "reverse" and config["algorithm"]["topk_tail"] is True
+    assert config["algorithm"]["scale_logits_by_rollout_temperature"] is False
+    assert [step for step, _ in summary["held_out_curve"]] == list(range(0, s.scope_steps + 1))
     trained = [m for m in metrics if "loss/total" in m]
+    assert all(m["kl/topk"] >= 0 for m in trained)  # the top-k KL term is computed on every step
     assert len(trained) == s.scope_steps
     assert all(m["rollout/stale_fraction"] == 0.0 for m in trained)  # real weight sync each step
     assert all("sync/probe_max_abs_diff" in m for m in trained)

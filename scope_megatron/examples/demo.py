@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import yaml
 
@@ -68,7 +68,11 @@ def write_task(directory: str | Path, seed: int = 0, num_test: int = 64) -> dict
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class DemoSettings:
-    """Sizes and steps; the defaults take about 5-7 minutes on a 2-core CPU (first run)."""
+    """Sizes, steps and the SCOPE settings; the defaults take about 6 minutes on a 2-core CPU (first run).
+
+    ``model_seed`` fixes the task split, the teacher and the student (cached); ``seed`` is the SCOPE
+    run's (data order, rollout sampling), so runs with different ``seed`` start from the same student
+    and are scored on the same held-out problems."""
 
     teacher_hidden: int = 128
     teacher_layers: int = 4
@@ -81,29 +85,52 @@ class DemoSettings:
     student_sft_steps: int = 150
     student_lr: float = 3e-3
     sft_batch: int = 32
+    held_out_problems: int = 512          # the task's held-out split (never trained on)
     scope_steps: int = 40
     scope_prompts: int = 16
     scope_group: int = 4
     scope_lr: float = 5e-4
     scope_temperature: float = 0.6
-    eval_every: int = 10
+    # the KL path: the paper's sampled-token estimator, plus the top-k KL to the teacher when set
+    scope_topk_kl: Optional[str] = "reverse"
+    scope_topk_k: int = 32
+    # student log-probs from logits / rollout temperature (the reference code) or at T = 1 like the teacher's
+    scope_scale_logits_by_rollout_temperature: bool = False
+    eval_every: int = 20
     eval_n: int = 4
-    eval_problems: int = 64
+    eval_problems: int = 512
     max_new_tokens: int = 40
+    model_seed: int = 0
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "DemoSettings":
         """A few steps of everything (tests)."""
         return cls(teacher_hidden=64, teacher_layers=2, teacher_ffn=128, teacher_sft_steps=3, student_hidden=32,
-                   student_layers=1, student_ffn=64, student_sft_steps=2, sft_batch=8, scope_steps=2, scope_prompts=2,
-                   scope_group=2, eval_every=1, eval_n=2, eval_problems=3, max_new_tokens=8)
+                   student_layers=1, student_ffn=64, student_sft_steps=2, sft_batch=8, held_out_problems=8,
+                   scope_steps=2, scope_prompts=2, scope_group=2, eval_every=1, eval_n=2, eval_problems=3,
+                   max_new_tokens=8)
+
+    def algorithm_overrides(self) -> dict:
+        """The ``algorithm.*`` fields of the SCOPE run beyond its preset."""
+        out: dict = {"scale_logits_by_rollout_temperature": self.scope_scale_logits_by_rollout_temperature,
+                     "topk_kl": self.scope_topk_kl}
+        if self.scope_topk_kl is not None:
+            out.update(topk_tail=True, topk_k=self.scope_topk_k)
+        return out
+
+    def method_label(self) -> str:
+        """What the SCOPE run optimises, in words (table and plot titles)."""
+        kl = "SCOPE" if self.scope_topk_kl is None else f"SCOPE + top-{self.scope_topk_k} {self.scope_topk_kl} KL"
+        if self.scope_scale_logits_by_rollout_temperature:
+            kl += f", student log-probs at T={self.scope_temperature}"
+        return kl
 
     def cache_key(self, role: str) -> str:
         keys = {"teacher": ("teacher_hidden", "teacher_layers", "teacher_ffn", "teacher_sft_steps", "teacher_lr"),
                 "student": ("student_hidden", "student_layers", "student_ffn", "student_sft_steps", "student_lr")}[role]
         d = asdict(self)
-        return "-".join(f"{d[k]}" for k in keys + ("sft_batch", "seed"))
+        return "-".join(f"{d[k]}" for k in keys + ("sft_batch", "held_out_problems", "model_seed"))
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -179,9 +206,9 @@ def scope_config(student: Path, teacher: Path, train: Path, test: Path, run_dir:
         "data": {"paths": [str(train)], "max_prompt_tokens": 256},
         "rollout": {"prompts_per_step": s.scope_prompts, "group_size": group_size or s.scope_group,
                     "max_new_tokens": s.max_new_tokens, "temperature": s.scope_temperature, "max_retries": 1,
-                    "request_timeout_s": 300, "embedded_max_batch_size": 64},
+                    "request_timeout_s": 300, "embedded_max_batch_size": 256},
         "teacher": {"model": str(teacher), "embedded_max_batch_size": 64},
-        "algorithm": {"preset": preset, "reward_workers": 1, **(algorithm_overrides or {})},
+        "algorithm": {"preset": preset, "reward_workers": 1, **s.algorithm_overrides(), **(algorithm_overrides or {})},
         "optimizer": {"lr": s.scope_lr, "weight_decay": 0.0},
         "sync": {"bucket_mb": 16, "timeout_s": 300},
         "checkpoint": {"every": 0, "keep_last": 1, "save_at_end": False},
@@ -205,14 +232,14 @@ def train_sft_model(role: str, cache: Path, train: Path, s: DemoSettings, echo: 
     work = cache / f"{role}_work"
     shutil.rmtree(work, ignore_errors=True)
     init = work / "init_hf"
-    save_tiny_hf_model(init, "qwen3", seed=s.seed + (1 if role == "teacher" else 2), hidden_size=hidden,
+    save_tiny_hf_model(init, "qwen3", seed=s.model_seed + (1 if role == "teacher" else 2), hidden_size=hidden,
                        intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
     from safetensors.torch import load_file
 
     params = sum(t.numel() for t in load_file(str(init / "model.safetensors")).values())
     echo(f"      {role}: Qwen3 architecture, {layers} layers, hidden {hidden}, {params:,} parameters; "
          f"SFT {steps} steps x {s.sft_batch} through the training loop (algorithm.preset=sft)")
-    config = sft_config(init, train, work / "sft", steps, lr, s.sft_batch, s.seed)
+    config = sft_config(init, train, work / "sft", steps, lr, s.sft_batch, s.model_seed)
     run_training(config, work / "sft.yaml", f"{role} SFT", steps, work / "sft.log", echo=echo, every=50)
     exported = work / "sft" / "hf" / f"step_{steps:08d}"
     shutil.rmtree(final, ignore_errors=True)
@@ -237,13 +264,13 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings) -> float
         return float(json.loads(results.read_text())["mean"]["avg@1"])
     out.mkdir(parents=True, exist_ok=True)
     handle = start_embedded_server_process(model, free_port(), extra_args=[
-        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "64", "--log-level", "warning",
+        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "256", "--log-level", "warning",
         "--enable-deterministic-inference"],  # the eval's sampling_seed is honoured only so
         log_path=out / "engine.log", ready_timeout=300)
     try:
-        settings = EvalSettings(n=s.eval_n, ks=(1, s.eval_n), max_new_tokens=s.max_new_tokens, seed=s.seed)
+        settings = EvalSettings(n=s.eval_n, ks=(1, s.eval_n), max_new_tokens=s.max_new_tokens, seed=s.model_seed)
         with MathRewardPool(num_workers=1, timeout_s=10.0) as pool:
-            result = run_evaluation(SGLangClient(handle.url, max_concurrency=64),
+            result = run_evaluation(SGLangClient(handle.url, max_concurrency=256),
                                     load_benchmarks([test], limit=s.eval_problems), AutoTokenizer.from_pretrained(model),
                                     settings, out, reward_pool=pool, model_name=str(model), progress=False)
     finally:
@@ -263,18 +290,28 @@ def accuracy_curves(metrics: list[dict]) -> tuple[list[tuple[int, float]], list[
     return held, rollout
 
 
+def held_out_errors(metrics: list[dict]) -> list[float]:
+    """The standard error of each held-out avg@1 in :func:`accuracy_curves` (0 where not recorded)."""
+    return [float(m.get("eval/mean/avg@1_se", 0.0)) for m in metrics if "eval/mean/avg@1" in m]
+
+
 def plot_accuracy(metrics: list[dict], teacher_avg: float | None, path: Path, title: str = "SCOPE demo") -> Path:
+    """Held-out Avg@1 against step with 95% error bars (1.96 standard errors over problems), the
+    rollout accuracy on training prompts, and the teacher's held-out Avg@1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     held, rollout = accuracy_curves(metrics)
+    errors = held_out_errors(metrics)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if rollout:
         ax.plot(*zip(*rollout), color="tab:blue", alpha=0.35, label="student: rollout accuracy (train prompts)")
     if held:
-        ax.plot(*zip(*held), "o-", color="tab:blue", label="student: held-out Avg@1")
+        steps, values = zip(*held)
+        ax.errorbar(steps, values, yerr=[1.96 * e for e in errors], fmt="o-", color="tab:blue", capsize=3,
+                    label="student: held-out Avg@1 (95% interval)")
     if teacher_avg is not None:
         ax.axhline(teacher_avg, color="tab:green", ls="--", label=f"teacher: held-out Avg@1 ({teacher_avg:.0%})")
     ax.set_xlabel("SCOPE step")
@@ -289,18 +326,34 @@ def plot_accuracy(metrics: list[dict], teacher_avg: float | None, path: Path, ti
     return path
 
 
+def _pct_se(value: float, se: float | None) -> str:
+    return f"{value:.1%}" if se is None else f"{value:.1%} ± {1.96 * se:.1%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scope-megatron demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="output directory (default runs/demo-<time>)")
     parser.add_argument("--cache", default="runs/demo-cache", help="task, teacher and student cache")
     parser.add_argument("--steps", type=int, default=None, help="SCOPE steps (default 40)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the SCOPE run's seed (data order, sampling); the teacher, student and task stay the same")
+    parser.add_argument("--no-topk", action="store_true",
+                        help="the paper's SCOPE only (sampled-token KL estimator), without the top-k KL term")
+    parser.add_argument("--scale-logits-by-rollout-temperature", action="store_true",
+                        help="student log-probs from logits / rollout temperature, as the reference code does "
+                             "(the teacher's stay at 1); default: both at 1")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything (smoke test)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     s = DemoSettings.tiny() if args.tiny else DemoSettings()
     if args.steps:
         s.scope_steps = args.steps
+    s.seed = args.seed
+    if args.no_topk:
+        s.scope_topk_kl = None
+    if args.scale_logits_by_rollout_temperature:
+        s.scope_scale_logits_by_rollout_temperature = True
     start = time.monotonic()
     run = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     cache = Path(args.cache).resolve() / ("tiny" if args.tiny else "default")
@@ -311,19 +364,20 @@ def main(argv: list[str] | None = None) -> int:
 
     echo(f"SCOPE demo -> {run}")
     echo("[1/5] task: two-digit addition, answer in \\boxed{}, math-verify rewards")
-    task = write_task(cache / "task", seed=s.seed, num_test=max(s.eval_problems, 8))
+    task = write_task(cache / "task", seed=s.model_seed, num_test=s.held_out_problems)
     echo(f"      {task['train']} (train, with solutions), {task['test']} (held out; first {s.eval_problems} used)")
 
     echo("[2/5] teacher (cached after the first run)")
     teacher = train_sft_model("teacher", cache, task["train"], s, echo)
-    teacher_avg = evaluate_model(teacher, task["test"], cache / "teacher_eval" / s.cache_key("teacher"), s)
+    teacher_dir = cache / "teacher_eval" / (s.cache_key("teacher") + f"-eval{s.eval_problems}x{s.eval_n}")
+    teacher_avg = evaluate_model(teacher, task["test"], teacher_dir, s)
     echo(f"      teacher held-out Avg@1: {teacher_avg:.1%}")
 
     echo("[3/5] student: smaller, briefly SFT-ed (cached)")
     student = train_sft_model("student", cache, task["train"], s, echo)
 
-    echo(f"[4/5] SCOPE: {s.scope_steps} steps x {s.scope_prompts} prompts x {s.scope_group} rollouts; embedded "
-         f"engines, weight sync each step, held-out eval every {s.eval_every} steps")
+    echo(f"[4/5] {s.method_label()}: {s.scope_steps} steps x {s.scope_prompts} prompts x {s.scope_group} rollouts, "
+         f"seed {s.seed}; embedded engines, weight sync each step, held-out eval every {s.eval_every} steps")
     config = scope_config(student, teacher, task["train"], task["test"], run, s)
     run_training(config, run / "scope.yaml", "SCOPE", s.scope_steps, run / "train.log", echo=echo,
                  every=max(1, s.eval_every // 2))
@@ -334,22 +388,29 @@ def main(argv: list[str] | None = None) -> int:
     if not held:
         echo("no evaluation results in metrics.jsonl")
         return 1
+    errors = held_out_errors(metrics)
     before, after = held[0][1], held[-1][1]
     n = s.eval_n
-    first = next(m for m in metrics if "eval/mean/avg@1" in m)
-    last = [m for m in metrics if "eval/mean/avg@1" in m][-1]
-    plot = plot_accuracy(metrics, teacher_avg, run / "accuracy.png")
-    rows = [("student before SCOPE", before, first.get(f"eval/mean/pass@{n}")),
-            (f"student after {held[-1][0]} SCOPE steps", after, last.get(f"eval/mean/pass@{n}")),
-            ("teacher", teacher_avg, None)]
-    teacher_json = json.loads((cache / "teacher_eval" / s.cache_key("teacher") / "results.json").read_text())
-    rows[2] = ("teacher", teacher_avg, teacher_json["mean"].get(f"pass@{n}"))
-    table = [f"| model ({s.eval_problems} held-out problems, n={n}) | Avg@1 | Pass@{n} |", "|---|---|---|"]
-    table += [f"| {name} | {a:.1%} | {'-' if p is None else f'{p:.1%}'} |" for name, a, p in rows]
+    evals = [m for m in metrics if "eval/mean/avg@1" in m]
+    first, last = evals[0], evals[-1]
+    plot = plot_accuracy(metrics, teacher_avg, run / "accuracy.png",
+                         title=f"{s.method_label()} demo, seed {s.seed}")
+    teacher_json = json.loads((teacher_dir / "results.json").read_text())
+    teacher_se = teacher_json.get("mean_standard_errors", {})
+    rows = [("student before SCOPE", before, errors[0], first.get(f"eval/mean/pass@{n}")),
+            (f"student after {held[-1][0]} steps of {s.method_label()}", after, errors[-1],
+             last.get(f"eval/mean/pass@{n}")),
+            ("teacher", teacher_avg, teacher_se.get("avg@1"), teacher_json["mean"].get(f"pass@{n}"))]
+    table = [f"| model ({s.eval_problems} held-out problems, n={n}; ± 95% interval) | Avg@1 | Pass@{n} |",
+             "|---|---|---|"]
+    table += [f"| {name} | {_pct_se(a, se)} | {'-' if p is None else f'{p:.1%}'} |" for name, a, se, p in rows]
     seconds = time.monotonic() - start
-    summary = {"run_dir": str(run), "student_before_avg@1": before, "student_after_avg@1": after,
-               "teacher_avg@1": teacher_avg, "held_out_curve": held, "seconds": round(seconds, 1),
-               "settings": asdict(s), "teacher": str(teacher), "student_init": str(student)}
+    summary = {"run_dir": str(run), "method": s.method_label(), "seed": s.seed,
+               "student_before_avg@1": before, "student_after_avg@1": after, "gain": after - before,
+               "student_before_avg@1_se": errors[0], "student_after_avg@1_se": errors[-1],
+               "teacher_avg@1": teacher_avg, "held_out_curve": held, "held_out_curve_se": errors,
+               "seconds": round(seconds, 1), "settings": asdict(s), "teacher": str(teacher),
+               "student_init": str(student)}
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run / "results.md").write_text("\n".join(table) + "\n")
     echo("")
