@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         summary: dict[str, Any] = {}
         if plain and args.topk != "on":
             table, summary["plain"] = build_table(rows, plain, REFERENCE if REFERENCE in plain else None, labels)
-            tables.append(("KL path: the paper's sampled-token estimator (algorithm.topk_kl unset)", table))
+            tables.append(("KL path: the paper's sampled-token estimator (algorithm.topk_kl: null)", table))
         if with_topk:
             ref = REFERENCE + TOPK_SUFFIX
             names = topk_table if args.topk == "both" else with_topk + plain
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             index += 1
             run = out / f"{variant}-seed{seed}"
             row: dict[str, Any] = {"variant": variant, "method": method, "topk_kl": topk, "preset": preset,
-                                   "group_size": group or s.scope_group, "seed": seed, "run_dir": str(run)}
+                                   "group_size": "-" if method == "kd" else group or s.scope_group, "seed": seed, "run_dir": str(run)}
             if method == "kd":
                 config = kd_config(student, run / "kd_train.jsonl", run, s, seed)
             else:
