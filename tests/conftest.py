@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,18 @@ def converted_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, family, overrides in MODEL_CASES:
-        hf_dir = save_tiny_hf_model(root / f"{name}_hf", family, seed=len(out), **overrides)
-        ckpt = root / f"{name}_ckpt"
-        proc = run_module("checkpoints_tools.hf_to_megatron", "--hf", str(hf_dir), "--out", str(ckpt))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = (hf_dir, ckpt)
+    for seed, (name, family, overrides) in enumerate(MODEL_CASES):
+        out[name] = (save_tiny_hf_model(root / f"{name}_hf", family, seed=seed, **overrides), root / f"{name}_ckpt")
+
+    def convert(name: str) -> subprocess.CompletedProcess:
+        hf_dir, ckpt = out[name]
+        return run_module("checkpoints_tools.hf_to_megatron", "--hf", str(hf_dir), "--out", str(ckpt))
+
+    # each conversion is one single-threaded process, mostly interpreter start-up and imports:
+    # two at a time keep both cores of a small CI machine busy
+    with ThreadPoolExecutor(2) as pool:
+        for name, proc in zip(out, pool.map(convert, list(out))):
+            assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
     return out
 
 
