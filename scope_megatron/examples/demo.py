@@ -164,7 +164,7 @@ def run_training(config: dict, config_path: Path, label: str, total_steps: int, 
                 if step == 1 or step % every == 0 or step == total_steps:
                     evals = re.findall(r"eval/mean/avg@\d+ ([0-9.eE+-]+\d)", line)
                     extra = f", held-out avg {float(evals[0]):.1%}" if evals else ""
-                    acc = "" if config.get("algorithm", {}).get("preset") == "sft" else f", rollout acc {float(m.group(3)):.2f}"
+                    acc = "" if config.get("algorithm", {}).get("preset") in ("sft", "kd") else f", rollout acc {float(m.group(3)):.2f}"
                     echo(f"      {label} step {step:>4}/{total_steps}: loss {float(m.group(2)):.3f}{acc}{extra} "
                          f"({time.monotonic() - start:.0f} s)")
             elif "eval at step 0" in line:
