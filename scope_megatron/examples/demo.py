@@ -7,10 +7,18 @@
    (``algorithm.preset: sft``, the same Megatron path), cached under ``--cache`` so later runs skip it;
 3. a smaller, briefly SFT-ed STUDENT (cached too);
 4. SCOPE with embedded student / teacher engines, real weight sync and math-verify rewards
-   (``scope_megatron.train``), evaluated on the held-out benchmark before, during and after
-   (``scope_megatron.evaluation``, Avg@k);
-5. a table (student before, student after SCOPE, teacher), TensorBoard logs, ``accuracy.png``
-   (accuracy against step) and ``summary.json`` in the run directory.
+   (``scope_megatron.train``), evaluated on 512 held-out problems x 4 samples before, during and
+   after (``scope_megatron.evaluation``, Avg@k with its standard error over problems);
+5. a table (student before, student after SCOPE, teacher, with 95% intervals), TensorBoard logs,
+   ``accuracy.png`` (accuracy against step, error bars) and ``summary.json`` in the run directory.
+
+The KL path adds the top-32 reverse KL to the teacher (``algorithm.topk_kl: reverse``, with the
+tail bucket) to the paper's sampled-token estimator, and the student's log-probs are taken at
+temperature 1 like the teacher's (``scale_logits_by_rollout_temperature: false``): at this
+scale the sampled-token estimator alone moves the student slowly and noisily, and a student at
+the rollout temperature 0.6 against a teacher at 1 (SGLang scores prompts at 1 only) pushes down
+nearly every sampled token. ``--no-topk`` and ``--scale-logits-by-rollout-temperature`` run the
+paper's settings instead (docs/training.md, "Temperature handling").
 """
 
 from __future__ import annotations
