@@ -1,9 +1,11 @@
 """The contract between rollouts and training: what one sampled response carries, and one step's batch.
 
 Rank 0's controller (:mod:`scope_megatron.trainer.controller`) builds a :class:`RolloutBatch`
-from the student and teacher engines and broadcasts it to every rank;
-:mod:`scope_megatron.trainer.batching` turns it into each rank's micro-batches. Fields are plain
-Python lists so the batch pickles cheaply for the broadcast.
+from the student and teacher engines and broadcasts it to every rank
+(:mod:`scope_megatron.rollout.batch_transport`: a few flat typed tensors);
+:mod:`scope_megatron.trainer.batching` turns it into each rank's micro-batches. The controller
+fills the fields with Python lists; on the receiving ranks they are read-only list look-alikes
+over the received buffers (``batch_transport.TensorListView``), so code reads them as sequences.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Trajectory:
-    """One sampled response with everything the trainer needs (plain lists: cheap to broadcast)."""
+    """One sampled response with everything the trainer needs (list fields: sequences, see above)."""
 
     group: int                     # prompt position in this step's batch (0..B-1)
     prompt_index: int              # dataset index of the prompt
