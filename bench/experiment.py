@@ -304,37 +304,12 @@ def variants_for(methods: Sequence[str], topk: str) -> list[tuple[str, str, bool
 
 def evaluate_hf(model: Path, benchmark: Path, out: Path, s: demo.DemoSettings, *, seed: int, n: int,
                 limit: int | None, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20) -> dict:
-    """``results.json`` of evaluating an HF model on ``benchmark`` (embedded engine, math-verify), cached in ``out``.
+    """``results.json`` of evaluating an HF model on ``benchmark`` (:func:`demo.evaluate_model`), cached in ``out``.
 
     The defaults are the in-loop evaluation's (``eval.*`` of the config, seed = the run's seed),
     so a KD student is scored on the same samples' seeds as the other methods' students."""
-    from transformers import AutoTokenizer
-
-    from scope_megatron.evaluation.benchmarks import load_benchmarks
-    from scope_megatron.evaluation.runner import EvalSettings, run_evaluation
-    from scope_megatron.parallel import free_port
-    from scope_megatron.rollout.client import SGLangClient
-    from scope_megatron.rollout.embedded_server import start_embedded_server_process
-    from scope_megatron.rollout.rewards import MathRewardPool
-
-    results = out / "results.json"
-    if results.is_file():
-        return json.loads(results.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    # the flags of demo.evaluate_model: seeded samples are reproducible only with deterministic inference
-    handle = start_embedded_server_process(model, free_port(), extra_args=[
-        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "64", "--log-level", "warning",
-        "--enable-deterministic-inference"], log_path=out / "engine.log", ready_timeout=300)
-    try:
-        settings = EvalSettings(n=n, ks=(1, n), max_new_tokens=s.max_new_tokens, seed=seed, temperature=temperature,
-                                top_p=top_p, top_k=top_k)
-        with MathRewardPool(num_workers=1, timeout_s=10.0) as pool:
-            run_evaluation(SGLangClient(handle.url, max_concurrency=64), load_benchmarks([benchmark], limit=limit),
-                           AutoTokenizer.from_pretrained(model), settings, out, reward_pool=pool,
-                           model_name=str(model), progress=False)
-    finally:
-        handle.stop()
-    return json.loads(results.read_text())
+    return demo.evaluate_model(model, benchmark, out, s, seed=seed, n=n, limit=limit, temperature=temperature,
+                               top_p=top_p, top_k=top_k, max_batch_size=64)
 
 
 def kd_teacher_data(teacher: Path, train: Path, run: Path, s: demo.DemoSettings, seed: int) -> tuple[Path, float]:
@@ -476,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = demo.train_sft_model("teacher", cache, task["train"], s)
     student = demo.train_sft_model("student", cache, task["train"], s)
     teacher_dir = cache / "teacher_eval" / (s.cache_key("teacher") + f"-eval{s.eval_problems}x{s.eval_n}")
-    teacher_avg = demo.evaluate_model(teacher, task["test"], teacher_dir, s)
+    teacher_avg = float(demo.evaluate_model(teacher, task["test"], teacher_dir, s)["mean"]["avg@1"])
     print(f"teacher held-out Avg@1 {teacher_avg:.1%}", flush=True)
 
     variants = variants_for(args.methods, args.topk)

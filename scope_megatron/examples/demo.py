@@ -76,7 +76,8 @@ def write_task(directory: str | Path, seed: int = 0, num_test: int = 64) -> dict
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class DemoSettings:
-    """Sizes, steps and the SCOPE settings; the defaults take about 6 minutes on a 2-core CPU (first run).
+    """Sizes, steps and the SCOPE settings; the defaults take about 6 minutes on a 2-core CPU with
+    the teacher and student cached, about 11 the first time.
 
     ``model_seed`` fixes the task split, the teacher and the student (cached); ``seed`` is the SCOPE
     run's (data order, rollout sampling), so runs with different ``seed`` start from the same student
@@ -256,8 +257,12 @@ def train_sft_model(role: str, cache: Path, train: Path, s: DemoSettings, echo: 
     return final
 
 
-def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings) -> float:
-    """Avg@1 of an HF model on the held-out benchmark (embedded engine, math-verify), cached in ``out``."""
+def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings, *, seed: int | None = None,
+                   n: int | None = None, limit: int | None = -1, temperature: float = 0.6, top_p: float = 0.95,
+                   top_k: int = 20, max_batch_size: int = 256) -> dict:
+    """The ``results.json`` object of evaluating an HF model on ``test`` (embedded engine,
+    math-verify), cached in ``out``. Defaults: ``s.model_seed``, ``s.eval_n`` samples of the first
+    ``s.eval_problems`` problems (``limit=None``: all), the in-loop evaluation's sampling."""
     from transformers import AutoTokenizer
 
     from ..evaluation.runner import EvalSettings, run_evaluation
@@ -269,21 +274,25 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings) -> float
 
     results = out / "results.json"
     if results.is_file():
-        return float(json.loads(results.read_text())["mean"]["avg@1"])
+        return json.loads(results.read_text())
+    seed = s.model_seed if seed is None else seed
+    n = s.eval_n if n is None else n
+    limit = s.eval_problems if limit == -1 else limit
     out.mkdir(parents=True, exist_ok=True)
     handle = start_embedded_server_process(model, free_port(), extra_args=[
-        "--dtype", "float32", "--device", "cpu", "--max-batch-size", "256", "--log-level", "warning",
+        "--dtype", "float32", "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
         "--enable-deterministic-inference"],  # the eval's sampling_seed is honoured only so
         log_path=out / "engine.log", ready_timeout=300)
     try:
-        settings = EvalSettings(n=s.eval_n, ks=(1, s.eval_n), max_new_tokens=s.max_new_tokens, seed=s.model_seed)
+        settings = EvalSettings(n=n, ks=(1, n), max_new_tokens=s.max_new_tokens, seed=seed, temperature=temperature,
+                                top_p=top_p, top_k=top_k)
         with MathRewardPool(num_workers=1, timeout_s=10.0) as pool:
-            result = run_evaluation(SGLangClient(handle.url, max_concurrency=256),
-                                    load_benchmarks([test], limit=s.eval_problems), AutoTokenizer.from_pretrained(model),
-                                    settings, out, reward_pool=pool, model_name=str(model), progress=False)
+            run_evaluation(SGLangClient(handle.url, max_concurrency=max_batch_size),
+                           load_benchmarks([test], limit=limit), AutoTokenizer.from_pretrained(model),
+                           settings, out, reward_pool=pool, model_name=str(model), progress=False)
     finally:
         handle.stop()
-    return float(result.mean["avg@1"])
+    return json.loads(results.read_text())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -378,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     echo("[2/5] teacher (cached after the first run)")
     teacher = train_sft_model("teacher", cache, task["train"], s, echo)
     teacher_dir = cache / "teacher_eval" / (s.cache_key("teacher") + f"-eval{s.eval_problems}x{s.eval_n}")
-    teacher_avg = evaluate_model(teacher, task["test"], teacher_dir, s)
+    teacher_json = evaluate_model(teacher, task["test"], teacher_dir, s)
+    teacher_avg = float(teacher_json["mean"]["avg@1"])
     echo(f"      teacher held-out Avg@1: {teacher_avg:.1%}")
 
     echo("[3/5] student: smaller, briefly SFT-ed (cached)")
@@ -403,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     first, last = evals[0], evals[-1]
     plot = plot_accuracy(metrics, teacher_avg, run / "accuracy.png",
                          title=f"{s.method_label()} demo, seed {s.seed}")
-    teacher_json = json.loads((teacher_dir / "results.json").read_text())
     teacher_se = teacher_json.get("mean_standard_errors", {})
     rows = [("student before SCOPE", before, errors[0], first.get(f"eval/mean/pass@{n}")),
             (f"student after {held[-1][0]} steps of {s.method_label()}", after, errors[-1],
