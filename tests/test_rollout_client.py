@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -224,11 +225,15 @@ def test_5xx_retried_4xx_not_and_old_server_404_tolerated():
         run(go())
 
 
-def test_unreachable_server_fails_after_retries():
+def test_unreachable_server_fails_after_retries(caplog):
     async def go():
         async with SGLangClient(f"http://127.0.0.1:{free_port()}", max_retries=2, backoff_initial_s=0.01) as client:
-            with pytest.raises(SGLangConnectionError, match="after 3 attempts"):
-                await client.model_info()
+            with caplog.at_level(logging.WARNING, logger="scope_megatron.rollout.client"):
+                with pytest.raises(SGLangConnectionError, match="after 3 attempts"):
+                    await client.model_info()
+            # each retry names the error's type (httpx's messages are often empty)
+            retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+            assert len(retries) == 2 and all("failed (ConnectError: " in m for m in retries), retries
             assert not await client.health()
             with pytest.raises(SGLangTimeoutError, match="not ready"):
                 await client.wait_ready(timeout_s=0.3, poll_s=0.05)

@@ -311,8 +311,9 @@ class SGLangClient:
             if attempt:
                 delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random() / 2
-                logger.warning("%s %s: attempt %d failed (%s); retrying in %.2f s", method, url, attempt,
-                               last_error, delay)
+                # the type first: httpx's transport errors often carry an empty message
+                logger.warning("%s %s: attempt %d failed (%s: %s); retrying in %.2f s", method, url, attempt,
+                               type(last_error).__name__, last_error, delay)
                 await asyncio.sleep(delay)
             try:
                 async with semaphore:
