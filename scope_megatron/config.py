@@ -160,6 +160,9 @@ class AlgorithmConfig:
     scale_logits_by_rollout_temperature: bool = True
     updates_per_batch: int = 1           # optimizer steps per rollout batch (>1: set clip_eps)
     filter_uniform_groups: bool = False  # drop all-correct / all-wrong groups (DAPO-style; off in SCOPE)
+    # with filter_uniform_groups: draw more prompts until prompts_per_step informative groups are in
+    refill_filtered_groups: bool = False
+    refill_max_rounds: int = 4           # extra generation rounds per step at most (each <= prompts_per_step prompts)
     reward_workers: int = 2
     reward_timeout_s: float = 10.0
     # "package.module:function" (text, gold, truncated) -> reward in [0, 1], instead of math-verify
@@ -544,6 +547,12 @@ def validate(c: Config) -> None:
     _require(a.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
     _require(a.reward_workers >= 1, "algorithm.reward_workers", "must be >= 1")
     _require(a.reward_timeout_s > 0, "algorithm.reward_timeout_s", "must be > 0")
+    if a.refill_filtered_groups:
+        _require(a.filter_uniform_groups, "algorithm.refill_filtered_groups",
+                 "refills the groups algorithm.filter_uniform_groups drops: set that too")
+        _require(not c.supervised, "algorithm.refill_filtered_groups",
+                 f"algorithm.preset={a.preset!r} trains on given text: there is nothing to refill")
+    _require(a.refill_max_rounds >= 1, "algorithm.refill_max_rounds", f"must be >= 1, got {a.refill_max_rounds}")
     if a.reward_function is not None:
         _require(":" in a.reward_function, "algorithm.reward_function", "must look like package.module:function")
     objective = c.objective_config()

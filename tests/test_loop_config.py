@@ -47,6 +47,8 @@ def test_tiny_config_and_overrides():
     ("algorithm.tis_cap=0", "algorithm"),
     ("placement=shared", "placement"),
     ("sync.transport=tensor", "sync.transport"),  # handles reach only colocated engines
+    ("algorithm.refill_filtered_groups=true", "algorithm.refill_filtered_groups"),  # refills what the filter drops
+    ("algorithm.refill_max_rounds=0", "algorithm.refill_max_rounds"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

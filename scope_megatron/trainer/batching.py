@@ -85,17 +85,21 @@ def filter_trajectories(trajectories: list[Trajectory], filter_uniform_groups: b
                              f"teacher log-probs for {len(t.response_ids)} response tokens")
         kept.append(t)
     if filter_uniform_groups:
-        by_group: dict[int, list[Trajectory]] = {}
-        for t in kept:
-            by_group.setdefault(t.group, []).append(t)
-        kept = []
-        for members in by_group.values():
-            outcomes = {m.correct for m in members}
-            if len(outcomes) == 1:
-                dropped["uniform_groups"] += 1
-                continue
-            kept.extend(members)
+        uniform = uniform_groups(kept)
+        dropped["uniform_groups"] = len(uniform)
+        kept = [t for t in kept if t.group not in uniform]
     return kept, dropped
+
+
+def uniform_groups(trajectories: SequenceABC[Trajectory]) -> set[int]:
+    """The groups whose non-empty responses are all correct or all wrong (no signal for a
+    group-relative objective); empty responses do not count, as :func:`filter_trajectories`
+    drops them first."""
+    outcomes: dict[int, set[bool]] = {}
+    for t in trajectories:
+        if t.response_ids:
+            outcomes.setdefault(t.group, set()).add(t.correct)
+    return {group for group, seen in outcomes.items() if len(seen) == 1}
 
 
 def _sequence(t: Trajectory, topk: int = 0) -> dict[str, torch.Tensor]:

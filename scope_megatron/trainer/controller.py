@@ -27,6 +27,14 @@ student's. An entry whose id the student does not have is masked: its id becomes
 student's vocabulary that the row does not hold and its log-prob ``-inf``, which
 :func:`scope_megatron.objective.logprobs.topk_kl` reads as absent (the KL is that of the row
 without the entry). The masked entries of a step are counted in ``teacher/topk_masked``.
+
+Refilling (``algorithm.refill_filtered_groups``, DAPO's dynamic sampling): groups whose samples
+are all correct or all wrong carry no signal for a group-relative objective and are filtered; with
+refill the controller drops them itself and draws more prompts (from the run's sampler, so a
+resumed run draws the same ones) until ``rollout.prompts_per_step`` informative groups are in or
+``algorithm.refill_max_rounds`` extra rounds have run. Each round asks for the missing groups
+divided by the fraction kept so far (at most B prompts); informative groups beyond B are
+discarded, as DAPO does. The counts go to the step's metrics (``data/refill_*``).
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ import logging
 import math
 import time
 from concurrent.futures import Future
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 from ..config import ConfigError
 from ..rollout.client import first_leaf
 from ..rollout.types import RolloutBatch, Trajectory
+from .batching import uniform_groups
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +99,32 @@ def mask_topk_row(ids: list[int], logprobs: list[float], vocab_size: int) -> int
     return len(bad)
 
 
-def sampling_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
+def sampling_seed(seed: int, step: int, prompt_index: int, sample: int, refill_round: int = 0) -> int:
     """A 48-bit seed from (run seed, step, prompt, sample): reproducible across restarts.
 
     Training samples are sent one request each (so teacher scoring overlaps generation) and
     hashed from their whole key, so no two steps or prompts share seeds; the eval runner instead
     seeds by problem id, ``base + i`` per sample (:func:`..evaluation.runner.sample_seed`).
+    ``refill_round`` > 0 (a prompt drawn again while refilling, possible once the sampler wraps
+    around a small dataset) is part of the key, so a repeated prompt is not sampled identically.
     """
-    digest = hashlib.blake2b(f"{seed}/{step}/{prompt_index}/{sample}".encode(), digest_size=6).digest()
+    key = f"{seed}/{step}/{prompt_index}/{sample}" + (f"/refill{refill_round}" if refill_round else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=6).digest()
     return int.from_bytes(digest, "little")
+
+
+@dataclass
+class Refill:
+    """Drawing more prompts until ``target`` informative groups are in (see the module docstring)."""
+
+    target: int                            # groups wanted: rollout.prompts_per_step
+    max_rounds: int                        # extra rounds at most: algorithm.refill_max_rounds
+    draw: Callable[[int], list[Any]]       # n -> the sampler's next n PromptRecords
+
+
+def _regroup(groups: list[list[Trajectory]]) -> list[Trajectory]:
+    """The trajectories of ``groups`` with their group numbers renumbered 0..len(groups)-1."""
+    return [replace(t, group=gi) for gi, members in enumerate(groups) for t in members]
 
 
 class RolloutController:
@@ -200,15 +227,57 @@ class RolloutController:
             return None
 
     # ------------------------------------------------------------------ one step
-    def collect(self, step: int, records: Sequence[Any]) -> RolloutBatch:
-        """Rollouts, teacher log-probs and rewards for ``records`` (PromptRecord); raises EngineFailure."""
-        return self.loop.run(self._collect(step, list(records)))
+    def collect(self, step: int, records: Sequence[Any], refill: Refill | None = None) -> RolloutBatch:
+        """Rollouts, teacher log-probs and rewards for ``records`` (PromptRecord), refilled to
+        ``refill.target`` informative groups when given; raises EngineFailure."""
+        return self.loop.run(self._collect_step(step, list(records), refill))
 
-    def submit(self, step: int, records: Sequence[Any]) -> "Future[RolloutBatch]":
+    def submit(self, step: int, records: Sequence[Any], refill: Refill | None = None) -> "Future[RolloutBatch]":
         """:meth:`collect` without waiting; cancelling the future cancels every request of the step."""
-        return self.loop.submit(self._collect(step, list(records)))
+        return self.loop.submit(self._collect_step(step, list(records), refill))
 
-    async def _collect(self, step: int, records: list[Any]) -> RolloutBatch:
+    async def _collect_step(self, step: int, records: list[Any], refill: Refill | None) -> RolloutBatch:
+        if refill is None:
+            return await self._collect(step, records)
+        return await self._collect_refilled(step, records, refill)
+
+    async def _collect_refilled(self, step: int, records: list[Any], refill: Refill) -> RolloutBatch:
+        """Rounds of :meth:`_collect` until ``refill.target`` informative groups are in or the
+        rounds run out; uniform groups are dropped here and counted."""
+        kept: list[list[Trajectory]] = []
+        timings: dict[str, float] = {}
+        drawn = uniform = rounds = 0
+        first_draw = len(records)
+        while True:
+            batch = await self._collect(step, records, refill_round=rounds)
+            drawn += len(records)
+            for key, value in batch.timings.items():  # seconds and counters add up over the rounds
+                timings[key] = timings.get(key, 0.0) + value
+            dropped = uniform_groups(batch.trajectories)
+            uniform += len(dropped)
+            groups: dict[int, list[Trajectory]] = {}
+            for t in batch.trajectories:
+                groups.setdefault(t.group, []).append(t)
+            kept.extend(members for gi, members in sorted(groups.items()) if gi not in dropped)
+            missing = refill.target - len(kept)
+            if missing <= 0 or rounds >= refill.max_rounds:
+                break
+            rounds += 1
+            keep_rate = max(len(kept), 1) / drawn
+            records = refill.draw(min(refill.target, math.ceil(missing / keep_rate)))
+            logger.info("step %d: %d of %d groups informative after %d prompts; refill round %d draws %d more",
+                        step, len(kept), refill.target, drawn, rounds, len(records))
+        if len(kept) < refill.target:
+            logger.warning("step %d: %d of %d groups informative after %d refill rounds (%d prompts drawn): the "
+                           "step trains on fewer (algorithm.refill_max_rounds)", step, len(kept), refill.target,
+                           rounds, drawn)
+        timings.update({"data/refill_rounds": float(rounds), "data/refill_prompts": float(drawn - first_draw),
+                        "data/refill_uniform_groups": float(uniform),
+                        "data/refill_surplus_groups": float(max(0, len(kept) - refill.target)),
+                        "data/refill_missing_groups": float(max(0, refill.target - len(kept)))})
+        return RolloutBatch(step=step, trajectories=_regroup(kept[:refill.target]), timings=timings)
+
+    async def _collect(self, step: int, records: list[Any], refill_round: int = 0) -> RolloutBatch:
         from ..rollout.client import SGLangError
         from ..rollout.rewards import RewardResult
 
@@ -219,7 +288,8 @@ class RolloutController:
         async def generate(rec: Any, sample: int):
             sampling = self.sampling
             if self.seeded:
-                sampling = sampling.replace(sampling_seed=sampling_seed(self.seed, step, rec.index, sample))
+                sampling = sampling.replace(sampling_seed=sampling_seed(self.seed, step, rec.index, sample,
+                                                                          refill_round))
             try:
                 result = await self.student.generate(rec.prompt_ids, sampling, return_logprob=True)
             except SGLangError as exc:

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..rollout.batch_transport import RolloutMessage, broadcast_rollout_message
 from ..rollout.types import RolloutBatch, Trajectory
-from .controller import EngineFailure
+from .controller import EngineFailure, Refill
 from .state import RunState, StopRequest, TrainingAborted
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class RolloutSource:
         logger.info("step %d: generating rollouts of %d prompts x %d ahead (while step %d trains)", step,
                     len(records), self.cfg.rollout.group_size, step - 1)
         inflight = _Inflight(step=step, sampler_state=sampler_state, started=time.monotonic(),
-                             future=self.controller.submit(step, records))
+                             future=self.controller.submit(step, records, self._refill()))
         inflight.future.add_done_callback(lambda _: setattr(inflight, "finished", time.monotonic()))
         self._inflight = inflight
 
@@ -226,7 +226,17 @@ class RolloutSource:
         if self.stop.requested:
             return None
         logger.info("step %d: collecting rollouts of %d prompts x %d", step, len(records), self.cfg.rollout.group_size)
-        return _wait_unless_stopped(self.controller.submit(step, records), self.stop)
+        return _wait_unless_stopped(self.controller.submit(step, records, self._refill()), self.stop)
+
+    def _refill(self) -> Refill | None:
+        """With ``algorithm.refill_filtered_groups``: more prompts from the run's sampler, so a
+        rewind (a stop) or a checkpoint covers them too. They are drawn on the controller's event
+        loop while the main thread waits or trains, which never touches the sampler then."""
+        if not self.cfg.algorithm.refill_filtered_groups:
+            return None
+        sampler = self.state.sampler
+        return Refill(target=self.cfg.rollout.prompts_per_step, max_rounds=self.cfg.algorithm.refill_max_rounds,
+                      draw=lambda n: [self.dataset[i] for i in sampler.next_indices(n)])
 
     def _supervised_batch(self, step: int, records: list[Any], engine_version: int) -> RolloutBatch:
         """sft / kd: each record's solution (+ eos) is the response; reward 1 (the MLE path)."""
