@@ -93,6 +93,8 @@ class DataConfig:
     max_prompt_tokens: Optional[int] = 4096
     limit: Optional[int] = None
     shuffle: bool = True
+    # a run directory (or its rollouts/) saved with logging.save_rollouts: train on its batches, no engines
+    replay: Optional[str] = None
 
 
 @dataclass
@@ -295,6 +297,11 @@ class Config:
     def supervised(self) -> bool:
         """sft / kd: plain MLE on given (prompt, solution) records; no engines, no rollouts, no sync."""
         return self.algorithm.preset in SUPERVISED_PRESETS
+
+    @property
+    def uses_engines(self) -> bool:
+        """Student and teacher engines run: not for sft / kd, nor when replaying saved rollouts."""
+        return not self.supervised and not self.data.replay
 
     @property
     def embedded_student(self) -> bool:
@@ -519,7 +526,10 @@ def validate(c: Config) -> None:
                  f"(e.g. 16384) to train on packed micro-batches")
         _require(c.model.layer_impl != "local", "model.layer_impl",
                  "megatron's local attention has no context parallelism: use auto, te or local_sdpa")
-    _require(bool(c.data.paths), "data.paths", "must list at least one prompt file")
+    if c.data.replay:
+        _check_replay(c)
+    else:
+        _require(bool(c.data.paths), "data.paths", "must list at least one prompt file")
     _choice(c.data.prompt_format, "data.prompt_format", ("paper", "reference_code"))
     if c.data.max_prompt_tokens is not None:
         _require(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
@@ -538,7 +548,7 @@ def validate(c: Config) -> None:
     if len(r.student_urls) > 1:
         _require(r.student_router_url is not None, "rollout.student_router_url",
                  f"{len(r.student_urls)} student workers need a router URL for generation")
-    if c.embedded_teacher and not c.supervised:
+    if c.embedded_teacher and c.uses_engines:
         _require(bool(c.teacher.model), "teacher.model", "set an HF directory (embedded teacher) or teacher.urls")
     if len(c.teacher.urls) > 1:
         _require(c.teacher.router_url is not None, "teacher.router_url",
@@ -630,6 +640,31 @@ def validate(c: Config) -> None:
     _require(c.faults.max_empty_steps >= 1, "faults.max_empty_steps", "must be >= 1")
 
 
+def _check_replay(c: Config) -> None:
+    """``data.replay``: a directory of saved rollouts, and nothing that needs engines or new prompts."""
+    from .rollout.replay import missing_steps, resolve_replay_dir
+
+    name = "data.replay"
+    directory = resolve_replay_dir(c.data.replay)
+    _require(directory.is_dir(), name, f"{c.data.replay!r} is not a directory (a run directory saved with "
+                                       f"logging.save_rollouts=true, or its rollouts/)")
+    if not c.checkpoint.resume:  # a resumed replay needs only the steps after its checkpoint: checked per step
+        missing = missing_steps(directory, 1, c.steps)
+        _require(not missing, name, f"{directory} has no rollouts for step(s) {', '.join(map(str, missing[:8]))}"
+                                    f"{' ...' if len(missing) > 8 else ''}; replay at most the steps it holds "
+                                    f"(steps={c.steps})")
+    for field_name, refused, why in (
+            ("algorithm.preset", c.supervised, "sft / kd train on the data's solutions, not on rollouts"),
+            ("rollout.max_staleness", c.rollout.max_staleness > 0, "a replay generates nothing to overlap (use 0)"),
+            ("placement", c.placement == "colocated", "a replay runs no engines to colocate (use separate)"),
+            ("algorithm.refill_filtered_groups", c.algorithm.refill_filtered_groups,
+             "a replay trains on the saved groups and cannot draw new prompts"),
+            ("eval.every", c.eval.every > 0, "a replay runs no student engine to evaluate: use 0, and evaluate "
+                                             "exported checkpoints with scope-megatron eval"),
+            ("logging.save_rollouts", c.logging.save_rollouts, "it would copy the replayed files (use false)")):
+        _require(not refused, field_name, f"not with data.replay: {why}")
+
+
 def check_world(c: Config, world_size: int) -> None:
     """Checks that need the world size (torchrun's)."""
     p = c.parallel
@@ -675,7 +710,7 @@ def check_embedded_devices(c: Config, cuda_device_count: int, local_world_size: 
     with one, ``cuda:0`` is accepted when given explicitly (sharing it is then the user's choice).
     A CUDA index must be visible to the trainer (the engine inherits CUDA_VISIBLE_DEVICES).
     """
-    if cuda_device_count <= 0 or c.supervised:
+    if cuda_device_count <= 0 or not c.uses_engines:
         return
     trainer_gpus = f"cuda:0..cuda:{local_world_size - 1}" if local_world_size > 1 else "cuda:0"
     for role, embedded, name, urls in (("student", c.embedded_student, "rollout.embedded_device", "rollout.student_urls"),

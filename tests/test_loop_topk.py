@@ -8,6 +8,9 @@ One step of the tiny config with ``algorithm.topk_kl=forward``, ``topk_k=8`` and
   student's log-probs at those ids (logits / rollout temperature), averaged over response tokens,
   computed with transformers and plain torch.
 The run uses packed micro-batches, so the [T, K] extras go through packing as well.
+
+Replaying those saved rollouts (``data.replay``, no engines) from the same student trains on the
+same numbers: step 1's loss, KL terms and gradient norm are the original run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from tests.loop_utils import asset_overrides, read_metrics, run_train, tail
 
 pytestmark = pytest.mark.timeout(300)
 K = 8
+RUN = ["steps=1", "algorithm.topk_kl=forward", f"algorithm.topk_k={K}", "parallel.max_tokens_per_microbatch=128",
+       "rollout.max_new_tokens=24", "checkpoint.every=0", "checkpoint.save_at_end=false"]  # no checkpoint is read
 TEMPERATURE = 0.6  # configs/tiny_cpu.yaml's rollout temperature: student log-probs use logits / 0.6
 
 
@@ -31,10 +36,7 @@ def topk_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("topk")
     assets = prepare(root / "tiny")
     run_dir = root / "run"
-    proc = run_train(*asset_overrides(assets, run_dir), "steps=1", "algorithm.topk_kl=forward", f"algorithm.topk_k={K}",
-                     "logging.save_rollouts=true", "parallel.max_tokens_per_microbatch=128",
-                     "rollout.max_new_tokens=24", "checkpoint.every=0",
-                     "checkpoint.save_at_end=false", timeout=240)  # nothing here reads a checkpoint
+    proc = run_train(*asset_overrides(assets, run_dir), *RUN, "logging.save_rollouts=true", timeout=240)
     assert proc.returncode == 0, tail(proc)
     rollouts = [json.loads(line) for line in (run_dir / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
     return assets, run_dir, rollouts
@@ -80,3 +82,16 @@ def test_topk_kl_metric_equals_plain_torch(topk_run):
     # ids or log-probs move the value by only ~1e-4 relative, so the tolerance is tight
     assert metrics["kl/topk"] == pytest.approx(total / count, rel=1e-6)
     assert metrics["kl/topk"] > 0.01  # random tiny models disagree: the check is not vacuous
+
+
+def test_replay_reproduces_the_step(topk_run, tmp_path):
+    assets, run_dir, rollouts = topk_run
+    replay_dir = tmp_path / "replay"
+    proc = run_train(*asset_overrides(assets, replay_dir), *RUN, f"data.replay={run_dir}", timeout=240)
+    assert proc.returncode == 0, tail(proc)
+    assert "replaying" in proc.stderr and not (replay_dir / "engines" / "student_hf").exists()  # no engines
+    original, replayed = read_metrics(run_dir)[1], read_metrics(replay_dir)[1]
+    for key in ("loss/total", "loss/mle", "loss/kl", "kl/topk", "train/grad_norm", "train/loss_tokens",
+                "objective/ppl/student_mean", "objective/ppl/teacher_mean", "reward/accuracy"):
+        assert replayed[key] == original[key], key
+    assert replayed["rollout/trajectories"] == len(rollouts)

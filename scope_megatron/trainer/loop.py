@@ -145,11 +145,11 @@ class Trainer:
         engine_dtype = str(self.dtype).removeprefix("torch.")
         if self.is_controller:
             self.engines = EmbeddedEngines(self.run_dir / "engines")
-            if cfg.embedded_teacher and not cfg.supervised:  # loads while the student is built
+            if cfg.embedded_teacher and cfg.uses_engines:  # loads while the student is built
                 self.engines.launch("teacher", embedded_engine_config(cfg, "teacher", cfg.teacher.model,
                                                                       engine_dtype, "default"))
         self.learner = Learner(cfg, self.dtype, self.device)
-        if self.is_controller:
+        if self.is_controller and not cfg.data.replay:  # a replay's prompts come with its rollouts
             self._load_data()
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if resume is not None:
@@ -158,12 +158,14 @@ class Trainer:
             self.last_saved_step = self.state.step
             logger.info("resumed from %s at step %d", resume, self.state.step)
         self.engine_version = self.state.step
-        if not cfg.supervised:
+        if cfg.uses_engines:
             self._connect_engines(engine_dtype)
         self.rollouts = RolloutSource(cfg, state=self.state, stop=self.stop, control_group=self.control_group,
-                                      dataset=self.dataset, tokenizer=self.tokenizer,
+                                      is_controller=self.is_controller, dataset=self.dataset,
+                                      tokenizer=self.tokenizer,
                                       controller=self.services.controller if self.services else None,
-                                      on_abandon=self._release_engines)
+                                      on_abandon=self._release_engines, vocab_size=self.learner.arch.vocab_size,
+                                      teacher_topk=self.learner.teacher_topk)
         self.recorder = StepRecorder(num_parameters=self.learner.arch.num_parameters,
                                      world_size=self.layout.world_size,
                                      updates_per_batch=cfg.algorithm.updates_per_batch,
@@ -306,6 +308,8 @@ class Trainer:
         updated = update is not None and update.updated
         with timer("sync"):
             sync = self._push_weights(step) if updated and self.weight_sync is not None else None
+        if self.cfg.data.replay:  # no engines: the replayed rollouts' versions are the original run's
+            self.engine_version = step
         metrics.update(self.recorder.sync_metrics(sync))
         metrics.update(self.recorder.perf_metrics(data, updated, timer))
         if self.cfg.rollout.max_staleness > 0 and self.is_controller:
@@ -354,7 +358,7 @@ class Trainer:
             if step in k.export_hf_steps or (k.export_hf_every and step % k.export_hf_every == 0):
                 self.learner.export_hf(self.run_dir / "hf" / f"step_{step:08d}")
         metrics["time/checkpoint"] = timer.seconds["time/checkpoint"]
-        if self.is_controller:
+        if self.state.sampler is not None:  # rank 0, unless replaying
             metrics["data/epoch"] = self.state.sampler.epoch
         self.metrics.log(step, metrics)
         return True

@@ -1,6 +1,9 @@
 """Where a step's batch comes from: rank 0 draws the prompts and has them generated and scored
 (or, for sft / kd, takes the records' solutions), then every rank receives the batch.
 
+With ``data.replay`` the batch is instead read from a run's saved rollouts
+(:mod:`..rollout.replay`): no engine, no sampler.
+
 A stop requested while rank 0 waits for generation (the longest phase) abandons the step at once:
 the in-flight requests are cancelled and the prompt sampler is rewound, so a resumed run draws
 the same prompts. Any failure on rank 0 reaches the other ranks as a message instead of leaving
@@ -20,8 +23,6 @@ sampler; the resumed run then generates it from the weights of step t.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
@@ -31,6 +32,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..rollout.batch_transport import RolloutMessage, broadcast_rollout_message
+from ..rollout.replay import read_rollouts, resolve_replay_dir, write_rollouts
 from ..rollout.types import RolloutBatch, Trajectory
 from .controller import EngineFailure, Refill
 from .state import RunState, StopRequest, TrainingAborted
@@ -70,18 +72,22 @@ class RolloutSource:
     """One batch per step on every rank (rank 0 produces it)."""
 
     def __init__(self, cfg: Config, *, state: RunState, stop: StopRequest, control_group: Any,
-                 dataset: Any = None, tokenizer: Any = None, controller: Any = None,
-                 on_abandon: Callable[[], None] | None = None):
+                 is_controller: bool, dataset: Any = None, tokenizer: Any = None, controller: Any = None,
+                 on_abandon: Callable[[], None] | None = None, vocab_size: int = 0, teacher_topk: int = 0):
         self.cfg = cfg
         self.state = state            # rank 0: its sampler draws the prompts
         self.stop = stop
         self.control_group = control_group
-        self.dataset = dataset        # rank 0 only
+        self.is_controller = is_controller
+        self.dataset = dataset        # rank 0 only (None in a replay)
         self.tokenizer = tokenizer    # rank 0 only
-        self.controller = controller  # rank 0 only, None for sft / kd
+        self.controller = controller  # rank 0 only, None for sft / kd and replays
         self.on_abandon = on_abandon  # releases the engines still busy with cancelled requests
-        self.is_controller = dataset is not None
         self.save_dir = Path(cfg.run_dir) / "rollouts" if cfg.logging.save_rollouts else None
+        # data.replay: every step's batch is read from the saved rollouts instead
+        self.replay_dir = resolve_replay_dir(cfg.data.replay) if cfg.data.replay else None
+        self.vocab_size = vocab_size      # a replayed batch's ids must fit the student
+        self.teacher_topk = teacher_topk  # and its top-k rows the objective's k
         self.max_staleness = cfg.rollout.max_staleness
         self.last_step = cfg.steps
         # asynchronous mode, rank 0: the next step's generation in flight
@@ -195,6 +201,15 @@ class RolloutSource:
     # ------------------------------------------------------------------ producing a batch (rank 0)
     def _produce(self, step: int, engine_version: int) -> tuple[str, Any]:
         """Rank 0: ("ok", batch), ("stop", None) or ("error", message)."""
+        if self.replay_dir is not None:
+            t0 = time.monotonic()
+            try:
+                batch = read_rollouts(self.replay_dir, step, vocab_size=self.vocab_size, teacher_topk=self.teacher_topk)
+            except (OSError, ValueError) as exc:
+                return ("error", f"data.replay, step {step}: {exc}")
+            batch.timings["time/rollout"] = time.monotonic() - t0
+            logger.info("step %d: replaying %d trajectories from %s", step, len(batch.trajectories), self.replay_dir)
+            return ("ok", batch)
         sampler = self.state.sampler
         sampler_state = sampler.state_dict()
         records = [self.dataset[i] for i in sampler.next_indices(self.cfg.rollout.prompts_per_step)]
@@ -255,12 +270,5 @@ class RolloutSource:
         return RolloutBatch(step=step, trajectories=trajectories, timings={"time/rollout": time.monotonic() - t0})
 
     def _save(self, batch: RolloutBatch) -> None:
-        """One JSON line per trajectory (every Trajectory field, plus ``correct``) to
-        RUN_DIR/rollouts/step_N.jsonl, written atomically."""
-        out = self.save_dir / f"step_{batch.step:08d}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_suffix(".jsonl.partial")
-        with partial.open("w") as f:
-            for t in batch.trajectories:
-                f.write(json.dumps({**dataclasses.asdict(t), "correct": t.correct}) + "\n")
-        partial.replace(out)
+        """RUN_DIR/rollouts/step_N.jsonl (:func:`..rollout.replay.write_rollouts`)."""
+        write_rollouts(self.save_dir, batch)

@@ -68,7 +68,8 @@ def batch_metrics(batch: RolloutBatch, *, engine_version: int, policy_version: i
         metrics["rollout/staleness_max"] = max(behind)
     for status in STATUSES:
         metrics[f"reward/status_{status}"] = sum(t.reward_status == status for t in trajs) / n
-    metrics["perf/rollout_tokens_per_s"] = sum(lengths) / max(batch.timings.get("time/generate", 0.0), 1e-9)
+    if "time/generate" in batch.timings:  # sft / kd and replays generate nothing
+        metrics["perf/rollout_tokens_per_s"] = sum(lengths) / max(batch.timings["time/generate"], 1e-9)
     return metrics
 
 
