@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class DataConfig:
     max_prompt_tokens: Optional[int] = 4096
     limit: Optional[int] = None
     shuffle: bool = True
+    source_key: str = "data_source"      # a record's data source (teacher.routes); absent: the file's name stem
     # a run directory (or its rollouts/) saved with logging.save_rollouts: train on its batches, no engines
     replay: Optional[str] = None
 
@@ -124,7 +126,9 @@ class RolloutConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherServerConfig:
+    """One teacher: its servers, or the HF directory of an embedded engine."""
+
     model: str = ""                      # HF dir, for the embedded teacher
     tokenizer: Optional[str] = None      # teacher tokenizer dir for the vocabulary check (default: model)
     urls: list = field(default_factory=list)     # teacher workers; empty: embedded engine
@@ -132,6 +136,27 @@ class TeacherConfig:
     max_concurrency: int = 256
     embedded_device: Optional[str] = None
     embedded_max_batch_size: int = 32
+
+
+DEFAULT_TEACHER = "default"  # the name of the teacher the fields of the teacher section describe
+
+
+@dataclass
+class TeacherConfig(TeacherServerConfig):
+    """The default teacher, and optionally more: a prompt whose data source (``data.source_key``)
+    is a key of ``routes`` is scored by the teacher the route names ("default" or a key of
+    ``others``); every other prompt by the default teacher."""
+
+    routes: dict[str, str] = field(default_factory=dict)                     # data source -> teacher name
+    others: dict[str, TeacherServerConfig] = field(default_factory=dict)    # name -> another teacher
+
+    def servers(self) -> dict[str, TeacherServerConfig]:
+        """Every teacher by name, the default first."""
+        return {DEFAULT_TEACHER: self, **self.others}
+
+    def field_prefix(self, name: str) -> str:
+        """Where teacher ``name``'s fields are in the config (for error messages)."""
+        return "teacher" if name == DEFAULT_TEACHER else f"teacher.others.{name}"
 
 
 @dataclass
@@ -374,6 +399,16 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(name, f"expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {value!r}")
+        value_type = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool) or not str(key):
+                raise ConfigError(name, f"keys must be names, got {key!r}")
+            out[str(key)] = _coerce(f"{name}.{key}", item, value_type)
+        return out
     if tp is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
@@ -548,11 +583,7 @@ def validate(c: Config) -> None:
     if len(r.student_urls) > 1:
         _require(r.student_router_url is not None, "rollout.student_router_url",
                  f"{len(r.student_urls)} student workers need a router URL for generation")
-    if c.embedded_teacher and c.uses_engines:
-        _require(bool(c.teacher.model), "teacher.model", "set an HF directory (embedded teacher) or teacher.urls")
-    if len(c.teacher.urls) > 1:
-        _require(c.teacher.router_url is not None, "teacher.router_url",
-                 f"{len(c.teacher.urls)} teacher workers need a router URL")
+    _check_teachers(c)
     a = c.algorithm
     _require(a.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
     _require(a.reward_workers >= 1, "algorithm.reward_workers", "must be >= 1")
@@ -566,11 +597,9 @@ def validate(c: Config) -> None:
     if a.reward_function is not None:
         _require(":" in a.reward_function, "algorithm.reward_function", "must look like package.module:function")
     objective = c.objective_config()
-    # objective_loss takes the initial policy's log-probs (ref_logprobs), but the trainer runs no
-    # reference forward pass (a frozen copy of the initial student), so a KL to it cannot be computed
-    _require(objective.grpo_kl_beta == 0, "algorithm.grpo_kl_beta",
-             f"a KL to the initial policy needs a reference model, which this trainer does not run; "
-             f"use 0 (got {objective.grpo_kl_beta})")
+    if objective.grpo_kl_beta > 0:  # the KL to the initial policy is a term of GRPO's loss only
+        _require(objective.method == "grpo", "algorithm.grpo_kl_beta",
+                 f"is a term of the grpo preset's loss, not of {a.preset!r} (use 0)")
     _require(c.rollout.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0, got {c.rollout.max_staleness}")
     if c.rollout.max_staleness > 0:
         _require(not c.supervised, "rollout.max_staleness",
@@ -638,6 +667,36 @@ def validate(c: Config) -> None:
     _require(bool(c.data.solution_key), "data.solution_key", "must be set")
     _require(c.faults.max_nonfinite_steps >= 0, "faults.max_nonfinite_steps", "must be >= 0")
     _require(c.faults.max_empty_steps >= 1, "faults.max_empty_steps", "must be >= 1")
+
+
+def _check_teachers(c: Config) -> None:
+    """Each teacher has servers or an embedded model; routes name teachers that exist, and every
+    extra teacher is routed to."""
+    t = c.teacher
+    for name, server in t.servers().items():
+        prefix = t.field_prefix(name)
+        if name != DEFAULT_TEACHER:  # it names the engine's log file and the metrics teacher/NAME/*
+            _require(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, prefix,
+                     "a teacher name may hold only letters, digits, '_', '.' and '-'")
+        if not server.urls and c.uses_engines:
+            _require(bool(server.model), f"{prefix}.model", f"set an HF directory (embedded teacher) or {prefix}.urls")
+        if len(server.urls) > 1:
+            _require(server.router_url is not None, f"{prefix}.router_url",
+                     f"{len(server.urls)} teacher workers need a router URL")
+        _require(server.max_concurrency >= 1, f"{prefix}.max_concurrency", "must be >= 1")
+        _require(server.embedded_max_batch_size >= 1, f"{prefix}.embedded_max_batch_size", "must be >= 1")
+    _require(DEFAULT_TEACHER not in t.others, f"teacher.others.{DEFAULT_TEACHER}",
+             f"{DEFAULT_TEACHER!r} is the teacher the teacher section itself describes; name the others differently")
+    known = (DEFAULT_TEACHER, *t.others)
+    for source, name in t.routes.items():
+        _require(name in known, f"teacher.routes.{source}", f"names no teacher: {name!r} is not one of "
+                                                            f"{', '.join(map(repr, known))}")
+    unused = sorted(set(t.others) - set(t.routes.values()))
+    _require(not unused, f"teacher.others.{unused[0]}" if unused else "teacher.others",
+             "no route in teacher.routes sends prompts to it (teacher.routes: {data source: name})")
+    if t.routes:
+        _require(not c.supervised, "teacher.routes", f"algorithm.preset={c.algorithm.preset!r} runs no teacher")
+        _require(bool(c.data.source_key), "data.source_key", "teacher.routes route by it: set it")
 
 
 def _check_replay(c: Config) -> None:
@@ -713,11 +772,13 @@ def check_embedded_devices(c: Config, cuda_device_count: int, local_world_size: 
     if cuda_device_count <= 0 or not c.uses_engines:
         return
     trainer_gpus = f"cuda:0..cuda:{local_world_size - 1}" if local_world_size > 1 else "cuda:0"
-    for role, embedded, name, urls in (("student", c.embedded_student, "rollout.embedded_device", "rollout.student_urls"),
-                                       ("teacher", c.embedded_teacher, "teacher.embedded_device", "teacher.urls")):
+    engines = [("student", c.embedded_student, c.rollout.embedded_device, "rollout")]
+    engines += [(f"teacher {name!r}" if name != DEFAULT_TEACHER else "teacher", not server.urls,
+                 server.embedded_device, c.teacher.field_prefix(name)) for name, server in c.teacher.servers().items()]
+    for role, embedded, device, section in engines:
+        name, urls = f"{section}.embedded_device", f"{section}.student_urls" if role == "student" else f"{section}.urls"
         if not embedded:
             continue
-        device = (c.rollout if role == "student" else c.teacher).embedded_device
         _require(device is not None, name,
                  f"the trainer trains on {trainer_gpus} and an embedded {role} engine would default to rank 0's "
                  f"GPU: set {name} to a GPU the trainer does not use (cuda:{local_world_size} or above, visible "

@@ -49,6 +49,12 @@ def test_tiny_config_and_overrides():
     ("sync.transport=tensor", "sync.transport"),  # handles reach only colocated engines
     ("algorithm.refill_filtered_groups=true", "algorithm.refill_filtered_groups"),  # refills what the filter drops
     ("algorithm.refill_max_rounds=0", "algorithm.refill_max_rounds"),
+    ("teacher.routes={b: nobody}", "teacher.routes.b"),  # a route must name a teacher
+    ("teacher.others={second: {model: /m}}", "teacher.others.second"),  # a teacher no route names
+    ("teacher.others={default: {model: /m}}", "teacher.others.default"),  # the section's own teacher
+    ("teacher.others={'a b': {model: /m}}", "teacher.others.a b"),
+    ("teacher.routes=[b, second]", "teacher.routes"),
+    ("teacher.others={second: {modle: /m}}", "teacher.others.second.modle"),
 ])
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

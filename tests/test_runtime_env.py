@@ -162,6 +162,15 @@ def test_explicit_placements_are_accepted():
         check_embedded_devices(_config("rollout.embedded_device=cuda:8", "teacher.embedded_device=cpu"), 8, 4)
 
 
+def test_every_embedded_teacher_needs_a_device():
+    routed = ["rollout.embedded_device=cuda:4", "teacher.embedded_device=cuda:5", "teacher.routes={b: second}",
+              "teacher.others.second.model=/m"]
+    with pytest.raises(ConfigError, match="teacher.others.second.embedded_device") as err:
+        check_embedded_devices(_config(*routed), cuda_device_count=8, local_world_size=4)
+    assert "teacher 'second'" in str(err.value) and "teacher.others.second.urls" in str(err.value)
+    check_embedded_devices(_config(*routed, "teacher.others.second.embedded_device=cuda:6"), 8, 4)
+
+
 @pytest.mark.gpu
 def test_the_embedded_device_check_runs_before_anything_starts(tmp_path):
     """On a GPU machine the trainer refuses an unset embedded device with exit 2 (config error)."""

@@ -8,7 +8,7 @@ Here the batch travels as:
 
 * a small pickled header: the status envelope (``ok`` / ``stop`` / ``error`` and the message),
   the step, its timings, the buffer sizes, and the few strings per trajectory
-  (``reward_status``, ``finish``, ``weight_version``);
+  (``reward_status``, ``finish``, ``weight_version``, ``teacher``);
 * ``meta`` [N, 9] int64: group, prompt_index, sample and the six field lengths (below);
 * ``rewards`` [N] float64 (a Python float is a float64: exact);
 * ``token_ids`` int32: every prompt, then every response, then every top-k id row
@@ -236,7 +236,7 @@ def _pack(batch: RolloutBatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     header = {"step": batch.step, "timings": dict(batch.timings), "count": n, "topk_width": width,
               "num_token_ids": num_ids, "num_logprobs": num_lps,
               "reward_status": [t.reward_status for t in trajs], "finish": [t.finish for t in trajs],
-              "weight_version": [t.weight_version for t in trajs]}
+              "weight_version": [t.weight_version for t in trajs], "teacher": [t.teacher for t in trajs]}
     tensors = {"meta": meta, "rewards": torch.tensor([float(t.reward) for t in trajs], dtype=torch.float64),
                "token_ids": token_ids, "logprobs": logprobs}
     return header, tensors
@@ -272,7 +272,7 @@ def _unpack(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Rollout
                    response_ids=responses[i], rollout_logprobs=rollout_lps[i], teacher_logprobs=teacher_lps[i],
                    reward=rewards[i], reward_status=header["reward_status"][i], finish=header["finish"][i],
                    weight_version=header["weight_version"][i], teacher_topk_ids=topk_ids[i],
-                   teacher_topk_logprobs=topk_lps[i])
+                   teacher_topk_logprobs=topk_lps[i], teacher=header["teacher"][i])
         for i in range(n)]
     return RolloutBatch(step=header["step"], trajectories=trajectories, timings=header["timings"])
 

@@ -54,6 +54,7 @@ class PromptDataConfig:
     prompt_format: PromptFormat = PAPER_FORMAT
     max_prompt_tokens: int | None = 4096
     limit: int | None = None          # keep only the first N records (after loading, before filtering)
+    source_key: str | None = "data_source"  # the record's data source; absent: the file's name stem
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PromptRecord:
     prompt_text: str
     prompt_ids: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""           # data source (teacher routing): the record's source_key field, else the file stem
 
 
 def iter_jsonl_objects(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -152,8 +154,11 @@ class PromptDataset:
             return
         record_id = str(raw[cfg.id_key]) if cfg.id_key and raw.get(cfg.id_key) is not None else where
         extra = {k: v for k, v in raw.items() if k not in (cfg.problem_key, cfg.answer_key)}
+        source = raw.get(cfg.source_key) if cfg.source_key else None
+        source = str(source) if isinstance(source, (str, int)) and str(source) else path.name.split(".")[0]
         self.records.append(PromptRecord(index=len(self.records), record_id=record_id, problem=problem,
-                                         answer=str(answer), prompt_text=text, prompt_ids=ids, extra=extra))
+                                         answer=str(answer), prompt_text=text, prompt_ids=ids, extra=extra,
+                                         source=source))
 
     def __len__(self) -> int:
         return len(self.records)

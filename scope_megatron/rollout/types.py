@@ -31,6 +31,7 @@ class Trajectory:
     # teacher's top-k per response token (only with algorithm.topk_kl): [R][K] ids and log-probs
     teacher_topk_ids: list[list[int]] = field(default_factory=list)
     teacher_topk_logprobs: list[list[float]] = field(default_factory=list)
+    teacher: str = "default"       # the teacher that scored it (teacher.routes; config.DEFAULT_TEACHER)
 
     @property
     def correct(self) -> bool:

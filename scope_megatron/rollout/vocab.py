@@ -98,23 +98,24 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def check_teacher_vocabulary(student_tokenizer: Any, *, student_name: str, tokenizer_dir: str | None,
                              model_dir: str | None, model_info: Callable[[], dict[str, Any] | None] | None = None,
-                             teacher_url: str | None = None) -> str:
+                             teacher_url: str | None = None, field_prefix: str = "teacher") -> str:
     """Find the teacher's tokenizer and run :func:`check_vocabularies`; return what was checked.
 
     ``tokenizer_dir`` (``teacher.tokenizer``) must load when set. Otherwise ``model_dir``
     (``teacher.model``) is used when it holds a tokenizer, else ``model_info()`` (the teacher
     server's ``/model_info``) is asked for ``tokenizer_path`` / ``model_path``; a path this
     machine cannot read is skipped. Returns ``"checked <dir>"`` or ``"skipped: <why>"``
-    (skipping also logs a warning).
+    (skipping also logs a warning). ``field_prefix``: the config section of this teacher
+    (``teacher``, or ``teacher.others.NAME``), which the errors name.
     """
     if tokenizer_dir:
         try:
             teacher = load_tokenizer(tokenizer_dir)
         except Exception as exc:
             raise VocabularyMismatch(f"{tokenizer_dir!r} cannot be loaded as an HF tokenizer: "
-                                     f"{type(exc).__name__}: {exc}", "teacher.tokenizer") from exc
+                                     f"{type(exc).__name__}: {exc}", f"{field_prefix}.tokenizer") from exc
         check_vocabularies(student_tokenizer, teacher, student_name=student_name, teacher_name=tokenizer_dir,
-                           field_name="teacher.tokenizer")
+                           field_name=f"{field_prefix}.tokenizer")
         return f"checked {tokenizer_dir}"
     candidates: list[str] = []
     if model_dir:
@@ -136,10 +137,11 @@ def check_teacher_vocabulary(student_tokenizer: Any, *, student_name: str, token
                            type(exc).__name__, exc)
             continue
         name = candidate if teacher_url is None else f"{candidate} (served at {teacher_url})"
-        check_vocabularies(student_tokenizer, teacher, student_name=student_name, teacher_name=name)
+        check_vocabularies(student_tokenizer, teacher, student_name=student_name, teacher_name=name,
+                           field_name=f"{field_prefix}.model")
         return f"checked {directory}"
-    where = ", ".join(repr(c) for c in candidates) or "no teacher.model and no path from /model_info"
-    why = (f"no readable teacher tokenizer ({where}); set teacher.tokenizer to a local copy of the teacher's "
+    where = ", ".join(repr(c) for c in candidates) or f"no {field_prefix}.model and no path from /model_info"
+    why = (f"no readable teacher tokenizer ({where}); set {field_prefix}.tokenizer to a local copy of the teacher's "
            f"tokenizer to check that it shares the student's vocabulary")
     logger.warning("teacher vocabulary check skipped: %s", why)
     return f"skipped: {why}"

@@ -28,6 +28,10 @@ student's vocabulary that the row does not hold and its log-prob ``-inf``, which
 :func:`scope_megatron.objective.logprobs.topk_kl` reads as absent (the KL is that of the row
 without the entry). The masked entries of a step are counted in ``teacher/topk_masked``.
 
+Several teachers (``teacher.routes``): each prompt's responses go to the teacher its data source
+routes to (:meth:`RolloutController.teacher_of`; the default teacher otherwise), so a group has
+one teacher; each trajectory records which (``Trajectory.teacher``).
+
 Refilling (``algorithm.refill_filtered_groups``, DAPO's dynamic sampling): groups whose samples
 are all correct or all wrong carry no signal for a group-relative objective and are filtered; with
 refill the controller drops them itself and draws more prompts (from the run's sampler, so a
@@ -48,7 +52,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from ..config import ConfigError
+from ..config import DEFAULT_TEACHER, ConfigError
 from ..rollout.client import first_leaf
 from ..rollout.types import RolloutBatch, Trajectory
 from .batching import uniform_groups
@@ -134,11 +138,16 @@ class RolloutController:
                  seeded: bool, tokenizer: Any, reward_pool: Any, loop: Any, api_key: str | None = None,
                  max_concurrency: int = 256, teacher_max_concurrency: int = 256, request_timeout_s: float = 3600.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.5, reward_function: Any = None,
-                 teacher_topk: int = 0, student_vocab_size: int | None = None):
+                 teacher_topk: int = 0, student_vocab_size: int | None = None,
+                 other_teachers: dict[str, tuple[str, int]] | None = None, routes: dict[str, str] | None = None):
+        """``teacher_url``: the default teacher; ``other_teachers``: name -> (URL, max concurrency)
+        of more teachers and ``routes``: data source -> teacher name (teacher.routes)."""
         from ..rollout.client import SGLangClient
 
         self.student_url = student_url
         self.teacher_url = teacher_url
+        self.teacher_urls = {DEFAULT_TEACHER: teacher_url, **{n: u for n, (u, _) in (other_teachers or {}).items()}}
+        self.routes = dict(routes or {})
         self.group_size = group_size
         self.sampling = sampling
         self.seed = seed
@@ -153,12 +162,20 @@ class RolloutController:
         common = dict(api_key=api_key, timeout_s=request_timeout_s, max_retries=max_retries,
                       backoff_initial_s=retry_backoff_s, retry_on_timeout=False)
         self.student = SGLangClient(student_url, max_concurrency=max_concurrency, **common)
-        self.teacher = SGLangClient(teacher_url, max_concurrency=teacher_max_concurrency, **common)
+        self.teacher = SGLangClient(teacher_url, max_concurrency=teacher_max_concurrency, **common)  # the default
+        self.teachers = {DEFAULT_TEACHER: self.teacher}
+        for name, (url, concurrency) in (other_teachers or {}).items():
+            self.teachers[name] = SGLangClient(url, max_concurrency=concurrency, **common)
+
+    def teacher_of(self, record: Any) -> str:
+        """The name of the teacher that scores ``record``'s responses (by its data source)."""
+        return self.routes.get(getattr(record, "source", ""), DEFAULT_TEACHER)
 
     def close(self) -> None:
         async def close_all() -> None:
             await self.student.aclose()
-            await self.teacher.aclose()
+            for teacher in self.teachers.values():
+                await teacher.aclose()
         try:
             self.loop.run(close_all(), timeout=10)
         except Exception:  # closing is best effort
@@ -175,7 +192,8 @@ class RolloutController:
                 async with SGLangClient(url, api_key=self.student.api_key) as worker:
                     await worker.recover_stale_update()
             await asyncio.gather(*(recover(u) for u in recover_urls))
-            await asyncio.gather(self.student.wait_ready(timeout_s), self.teacher.wait_ready(timeout_s))
+            await asyncio.gather(self.student.wait_ready(timeout_s),
+                                 *(teacher.wait_ready(timeout_s) for teacher in self.teachers.values()))
         self.loop.run(both())
 
     def check_student_servers(self, worker_urls: Sequence[str], require_deterministic: bool = True
@@ -217,12 +235,12 @@ class RolloutController:
                            "unknown", ", ".join(unknown))
         return found
 
-    def teacher_model_info(self) -> dict[str, Any] | None:
-        """The teacher server's ``/model_info`` (None, with a warning, when it cannot be read)."""
+    def teacher_model_info(self, name: str = DEFAULT_TEACHER) -> dict[str, Any] | None:
+        """Teacher ``name``'s server's ``/model_info`` (None, with a warning, when it cannot be read)."""
         try:
-            return self.loop.run(self.teacher.model_info(), timeout=60)
+            return self.loop.run(self.teachers[name].model_info(), timeout=60)
         except Exception as exc:
-            logger.warning("reading /model_info of the teacher %s failed: %s: %s", self.teacher_url,
+            logger.warning("reading /model_info of the teacher %s failed: %s: %s", self.teacher_urls[name],
                            type(exc).__name__, exc)
             return None
 
@@ -307,23 +325,25 @@ class RolloutController:
                 return [], [], []
             if marks["teacher_first"] is None:
                 marks["teacher_first"] = time.monotonic()
+            name = self.teacher_of(rec)
+            url = self.teacher_urls[name] if len(self.teachers) == 1 else f"{name!r} {self.teacher_urls[name]}"
             try:
-                scored = await self.teacher.score(rec.prompt_ids, result.output_ids, top_logprobs_num=self.teacher_topk)
+                scored = await self.teachers[name].score(rec.prompt_ids, result.output_ids,
+                                                         top_logprobs_num=self.teacher_topk)
             except SGLangError as exc:
-                raise EngineFailure(f"teacher engine {self.teacher_url} failed while scoring (step {step}): "
-                                    f"{exc}") from exc
+                raise EngineFailure(f"teacher engine {url} failed while scoring (step {step}): {exc}") from exc
             marks["teacher_end"] = max(marks["teacher_end"], time.monotonic())
             ids: list[list[int]] = []
             logprobs: list[list[float]] = []
             rows = scored.top_logprobs or []
             # the one check of the top-k rows' shape: the batching trusts what comes from here
             if self.teacher_topk and len(rows) != len(result.output_ids):
-                raise EngineFailure(f"teacher engine {self.teacher_url} (step {step}): the teacher's top-k must have "
+                raise EngineFailure(f"teacher engine {url} (step {step}): the teacher's top-k must have "
                                     f"{len(result.output_ids)} rows of {self.teacher_topk} ids and log-probs, "
                                     f"got {len(rows)} rows")
             for j, row in enumerate(rows):
                 if len(row) != self.teacher_topk or any(not math.isfinite(lp) or lp > 1e-4 for _, lp in row):
-                    raise EngineFailure(f"teacher engine {self.teacher_url} returned a malformed top-{self.teacher_topk} "
+                    raise EngineFailure(f"teacher engine {url} returned a malformed top-{self.teacher_topk} "
                                         f"row for response token {j} (step {step}): {row[:4]}...")
                 row_ids, row_lps = [int(i) for i, _ in row], [float(lp) for _, lp in row]
                 if self.student_vocab_size is not None:
@@ -354,7 +374,7 @@ class RolloutController:
                                response_ids=list(r.output_ids), rollout_logprobs=list(r.output_logprobs or []),
                                teacher_logprobs=list(lp), reward=float(rw.reward), reward_status=rw.status,
                                finish=r.finish_reason.type, weight_version=r.weight_version, teacher_topk_ids=ids,
-                               teacher_topk_logprobs=top)
+                               teacher_topk_logprobs=top, teacher=self.teacher_of(rec))
                     for s, (r, (lp, ids, top), rw) in enumerate(zip(results, teacher, rewards))]
 
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import DEFAULT_TEACHER, Config
 from ..rollout.engine import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -45,13 +45,21 @@ def engine_server_args(config: EngineConfig, log_level: str = "warning") -> list
     return args
 
 
+def teacher_role(name: str) -> str:
+    """The engine role of teacher ``name``: ``teacher`` for the default one, ``teacher-NAME`` else."""
+    return "teacher" if name == DEFAULT_TEACHER else f"teacher-{name}"
+
+
 def embedded_engine_config(cfg: Config, role: str, model_dir: str | Path, dtype: str,
                            weight_version: str) -> EngineConfig:
-    """The embedded ``role`` ("student" or "teacher") engine of a run: its device and batch size
-    from the config, the trainer's dtype, and ``sampling_seed`` honoured when rollouts are seeded
-    (SGLang honours it only with ``--enable-deterministic-inference``). A colocated student runs
-    with the memory saver (its memory is released while the trainer trains)."""
-    section = cfg.rollout if role == "student" else cfg.teacher
+    """The embedded ``role`` ("student", or a teacher's :func:`teacher_role`) engine of a run: its
+    device and batch size from the config, the trainer's dtype, and ``sampling_seed`` honoured when
+    rollouts are seeded (SGLang honours it only with ``--enable-deterministic-inference``). A
+    colocated student runs with the memory saver (its memory is released while the trainer trains)."""
+    if role == "student":
+        section = cfg.rollout
+    else:
+        section = cfg.teacher.servers()[DEFAULT_TEACHER if role == "teacher" else role.removeprefix("teacher-")]
     colocated = role == "student" and cfg.placement == "colocated"
     return EngineConfig(model_path=str(model_dir), device=section.embedded_device or None, dtype=dtype,
                         max_batch_size=section.embedded_max_batch_size, random_seed=cfg.seed,
@@ -85,7 +93,7 @@ class EmbeddedEngines:
             return handle
 
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="engine-start")
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-start")
         self._starting[role] = self._pool.submit(start)
 
     def wait(self) -> dict[str, Any]:
@@ -158,7 +166,9 @@ class RolloutServices:
         else:
             worker_urls = list(r.student_urls)
             student_url = r.student_router_url or worker_urls[0]
-        teacher_url = handles["teacher"].url if cfg.embedded_teacher else (t.router_url or t.urls[0])
+        teacher_urls = {name: (server.router_url or server.urls[0]) if server.urls else handles[teacher_role(name)].url
+                        for name, server in t.servers().items()}
+        teacher_url = teacher_urls[DEFAULT_TEACHER]
         loop = BackgroundLoop("scope-controller")
         reward_pool = None
         if not a.reward_function:
@@ -172,16 +182,19 @@ class RolloutServices:
             api_key=r.api_key, max_concurrency=r.max_concurrency, teacher_max_concurrency=t.max_concurrency,
             request_timeout_s=r.request_timeout_s, max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
             reward_function=load_function(a.reward_function) if a.reward_function else None,
-            teacher_topk=teacher_topk, student_vocab_size=vocab_size)
+            teacher_topk=teacher_topk, student_vocab_size=vocab_size, routes=t.routes,
+            other_teachers={name: (teacher_urls[name], server.max_concurrency) for name, server in t.others.items()})
         services = cls(controller=controller, loop=loop, reward_pool=reward_pool, worker_urls=worker_urls,
                        teacher_url=teacher_url)
         try:
             # external student workers may have outlived a killed trainer mid-update: recovered first
             controller.wait_ready(timeout_s=600, recover_urls=() if cfg.embedded_student else worker_urls)
             controller.check_student_servers(worker_urls, require_deterministic=r.require_deterministic)
-            check_teacher_vocabulary(tokenizer, student_name=str(cfg.model.student), tokenizer_dir=t.tokenizer,
-                                     model_dir=t.model or None, model_info=controller.teacher_model_info,
-                                     teacher_url=teacher_url)
+            for name, server in t.servers().items():  # each teacher must read the student's token ids
+                check_teacher_vocabulary(tokenizer, student_name=str(cfg.model.student), tokenizer_dir=server.tokenizer,
+                                         model_dir=server.model or None,
+                                         model_info=lambda name=name: controller.teacher_model_info(name),
+                                         teacher_url=teacher_urls[name], field_prefix=t.field_prefix(name))
         except BaseException:
             services.close()
             raise

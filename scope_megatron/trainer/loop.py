@@ -42,7 +42,7 @@ from ..rollout.types import RolloutBatch
 from .batching import StepData, build_step_data
 from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
 from .colocation import Colocation
-from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config
+from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config, teacher_role
 from .learner import Learner
 from .metrics import MetricsLogger
 from .rollout_source import RolloutSource
@@ -145,9 +145,11 @@ class Trainer:
         engine_dtype = str(self.dtype).removeprefix("torch.")
         if self.is_controller:
             self.engines = EmbeddedEngines(self.run_dir / "engines")
-            if cfg.embedded_teacher and cfg.uses_engines:  # loads while the student is built
-                self.engines.launch("teacher", embedded_engine_config(cfg, "teacher", cfg.teacher.model,
-                                                                      engine_dtype, "default"))
+            teachers = cfg.teacher.servers().items() if cfg.uses_engines else ()
+            for name, server in teachers:
+                if not server.urls:  # embedded: loads while the student is built
+                    role = teacher_role(name)
+                    self.engines.launch(role, embedded_engine_config(cfg, role, server.model, engine_dtype, "default"))
         self.learner = Learner(cfg, self.dtype, self.device)
         if self.is_controller and not cfg.data.replay:  # a replay's prompts come with its rollouts
             self._load_data()
@@ -187,7 +189,8 @@ class Trainer:
         try:
             self.dataset = PromptDataset(PromptDataConfig(
                 paths=d.paths, problem_key=d.problem_key, answer_key=d.answer_key, id_key=d.id_key,
-                prompt_format=fmt, max_prompt_tokens=d.max_prompt_tokens, limit=d.limit), self.tokenizer)
+                prompt_format=fmt, max_prompt_tokens=d.max_prompt_tokens, limit=d.limit, source_key=d.source_key),
+                self.tokenizer)
         except FileNotFoundError as exc:
             raise ConfigError("data.paths", str(exc)) from exc
         self.state.sampler = PromptSampler(len(self.dataset), seed=self.cfg.seed, shuffle=d.shuffle)
@@ -277,7 +280,8 @@ class Trainer:
         batch = self.rollouts.collect(step, self.engine_version)
         if batch is None:
             return False
-        metrics = batch_metrics(batch, engine_version=self.engine_version, policy_version=step - 1)
+        metrics = batch_metrics(batch, engine_version=self.engine_version, policy_version=step - 1,
+                                per_teacher=bool(self.cfg.teacher.routes))
         data = self._step_data(step, batch)
         if data is None:  # every group filtered out
             self.state.count_empty(step, len(batch.trajectories), self.cfg.faults.max_empty_steps)

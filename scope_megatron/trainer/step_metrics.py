@@ -5,13 +5,14 @@ throughput and MFU. Every name here is a TensorBoard tag and a ``metrics.jsonl``
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ..rollout.rewards import STATUSES
-from ..rollout.types import RolloutBatch
+from ..rollout.types import RolloutBatch, Trajectory
 from .metrics import peak_tflops, training_flops
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,14 @@ class StepTimer:
         return time.monotonic() - self.start
 
 
-def batch_metrics(batch: RolloutBatch, *, engine_version: int, policy_version: int) -> dict[str, float]:
+def batch_metrics(batch: RolloutBatch, *, engine_version: int, policy_version: int,
+                  per_teacher: bool = False) -> dict[str, float]:
     """Rewards, lengths and staleness of the step's rollouts (before any filtering).
 
     ``rollout/stale_fraction``: trajectories not from the weights the engines serve now;
     ``rollout/staleness_*``: how many versions each trajectory is behind ``policy_version``
-    (the weights that train on it), when the engines report step numbers as versions."""
+    (the weights that train on it), when the engines report step numbers as versions.
+    ``per_teacher`` (several teachers): :func:`teacher_metrics` too."""
     trajs = batch.trajectories
     n = max(len(trajs), 1)
     lengths = [len(t.response_ids) for t in trajs] or [0]
@@ -70,7 +73,33 @@ def batch_metrics(batch: RolloutBatch, *, engine_version: int, policy_version: i
         metrics[f"reward/status_{status}"] = sum(t.reward_status == status for t in trajs) / n
     if "time/generate" in batch.timings:  # sft / kd and replays generate nothing
         metrics["perf/rollout_tokens_per_s"] = sum(lengths) / max(batch.timings["time/generate"], 1e-9)
+    if per_teacher:
+        metrics.update(teacher_metrics(trajs))
     return metrics
+
+
+def teacher_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Per teacher NAME that scored some of ``trajectories``: ``teacher/NAME/groups`` (prompts
+    routed to it), ``accuracy`` (of their responses), ``ppl`` (the teacher's perplexity of the
+    responses, exp of minus its mean log-prob per response token) and ``kl`` (the sampled-token
+    reverse-KL estimate, mean of lp_rollout - lp_teacher per response token, with the engine's
+    rollout log-probs; absent when the engine sent none)."""
+    by_teacher: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_teacher.setdefault(t.teacher, []).append(t)
+    out: dict[str, float] = {}
+    for name, members in sorted(by_teacher.items()):
+        prefix = f"teacher/{name}"
+        out[f"{prefix}/groups"] = float(len({t.group for t in members}))
+        out[f"{prefix}/accuracy"] = sum(t.correct for t in members) / len(members)
+        teacher_lps = [lp for t in members for lp in t.teacher_logprobs]
+        if teacher_lps:
+            out[f"{prefix}/ppl"] = math.exp(min(-sum(teacher_lps) / len(teacher_lps), 700.0))  # no OverflowError
+        pairs = [(r, q) for t in members if len(t.rollout_logprobs) == len(t.teacher_logprobs)
+                 for r, q in zip(t.rollout_logprobs, t.teacher_logprobs)]
+        if pairs:
+            out[f"{prefix}/kl"] = sum(r - q for r, q in pairs) / len(pairs)
+    return out
 
 
 class StepRecorder:
