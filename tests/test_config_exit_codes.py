@@ -38,12 +38,12 @@ def test_missing_student_exits_2_with_one_line(tmp_path):
     assert "neither a converted checkpoint" in proc.stderr
 
 
-def test_grpo_kl_to_initial_policy_is_refused_at_config_time():
+def test_grpo_kl_to_initial_policy_is_grpo_only():
     base = ["run_dir=x", "model.student=m", "data.paths=[d.jsonl]", "teacher.model=t", "algorithm.preset=grpo"]
-    assert load_config(None, base).objective_config().grpo_kl_beta == 0.0
-    assert load_config(None, base + ["algorithm.grpo_kl_beta=0"]).objective_config().method == "grpo"
-    with pytest.raises(ConfigError, match="algorithm.grpo_kl_beta.*reference model"):
-        load_config(None, base + ["algorithm.grpo_kl_beta=1e-4"])
+    assert load_config(None, base).objective_config().grpo_kl_beta == 1e-4  # the paper's baseline
+    assert load_config(None, base + ["algorithm.grpo_kl_beta=0"]).objective_config().grpo_kl_beta == 0.0
+    with pytest.raises(ConfigError, match="algorithm.grpo_kl_beta.*not of 'scope'"):
+        load_config(None, base + ["algorithm.preset=scope", "algorithm.grpo_kl_beta=1e-4"])
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -333,7 +333,7 @@ def test_presets_are_the_paper_ablations():
     assert ObjectiveConfig.preset("scope") == ObjectiveConfig()
     assert ObjectiveConfig.preset("scope_uniform").student_uniform and ObjectiveConfig.preset("scope_uniform").teacher_uniform
     assert ObjectiveConfig.preset("scope_opposite_teacher").teacher_sign == "reversed"
-    grpo = ObjectiveConfig.preset("grpo", grpo_kl_beta=1e-4)
+    grpo = ObjectiveConfig.preset("grpo")  # the paper's baseline: with its KL to the initial policy
     assert (grpo.method, grpo.clip_eps, grpo.grpo_kl_beta) == ("grpo", 0.2, 1e-4)
     with pytest.raises(ValueError, match="unknown preset"):
         ObjectiveConfig.preset("nope")

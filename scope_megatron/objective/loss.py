@@ -178,9 +178,9 @@ class ObjectiveConfig:
         Names: ``scope``; its ablations ``scope_uniform`` ("w/o DPAW"), ``scope_no_student_weight``,
         ``scope_no_teacher_weight``, ``scope_opposite_student``, ``scope_opposite_teacher``,
         ``scope_reference_code_signs`` (the released scripts' effective signs: student reversed);
-        baselines ``opd``, ``grpo`` (clip 0.2, token mean; the paper adds a KL to the initial
-        policy, ``grpo_kl_beta=1e-4``, which needs ``ref_logprobs`` in :func:`objective_loss`: the
-        trainer computes none and refuses ``algorithm.grpo_kl_beta > 0``), ``kd``, ``sft``.
+        baselines ``opd``, ``grpo`` (clip 0.2, token mean, and the paper's k3 KL to the initial
+        policy, ``grpo_kl_beta=1e-4``: :func:`objective_loss` then needs ``ref_logprobs``, which the
+        trainer computes with a frozen copy of the initial student), ``kd``, ``sft``.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
@@ -198,7 +198,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "scope_opposite_teacher": {"teacher_sign": "reversed"},
     "scope_reference_code_signs": {"student_sign": "reversed"},
     "opd": {"method": "opd"},
-    "grpo": {"method": "grpo", "clip_eps": 0.2, "aggregation": "token_mean"},
+    "grpo": {"method": "grpo", "clip_eps": 0.2, "aggregation": "token_mean", "grpo_kl_beta": 1e-4},
     "kd": {"method": "kd", "aggregation": "token_mean"},
     "sft": {"method": "sft", "aggregation": "token_mean"},
 }

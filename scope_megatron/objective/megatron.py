@@ -119,7 +119,8 @@ def _lay_out(by_trajectory: dict[int, torch.Tensor], mb) -> torch.Tensor:
 
 
 def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int, temperature: float,
-                 supervised: bool, use_topk: bool, old_logprobs: OldLogprobs | None) -> LossFn:
+                 supervised: bool, use_topk: bool, old_logprobs: OldLogprobs | None,
+                 ref_logprobs: OldLogprobs | None = None) -> LossFn:
     """The per-micro-batch loss for :func:`~scope_megatron.megatron_step.train_step`.
 
     ``old_logprobs``: the step's lp_old (from :func:`old_logprobs` on the same micro-batches, in
@@ -127,6 +128,7 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
     ``supervised`` runs, which have no old policy). ``supervised`` also drops the teacher's and
     the rollout engine's log-probs (MLE on given text). ``use_topk`` computes the sampled-token
     log-probs and the top-k KL against the teacher's top-k rows in one pass over the logits.
+    ``ref_logprobs``: the initial policy's log-probs in the same layout (GRPO's KL term).
     """
 
     def loss_fn(logits, mb):
@@ -142,9 +144,10 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
             lp, entropy = vocab_parallel_logprobs(logits, fields.targets, vocab_size=vocab_size,
                                                   temperature=temperature, return_entropy=True, check_finite=False)
         old = None if old_logprobs is None else old_logprobs.per_micro_batch[mb.index].to(logits.device)
+        ref = None if ref_logprobs is None else ref_logprobs.per_micro_batch[mb.index].to(logits.device)
         coefficients = plan.select(fields.trajectory_index.cpu()).to(logits.device)
         out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=fields.response_mask,
-                             old_logprobs=old,
+                             old_logprobs=old, ref_logprobs=ref,
                              teacher_logprobs=None if supervised else fields.teacher_logprobs,
                              rollout_logprobs=None if supervised else fields.rollout_logprobs, entropy=entropy,
                              topk_kl=topk, token_trajectory=fields.token_trajectory, check_finite=False)

@@ -56,26 +56,55 @@ class Learner:
         # what every micro-batch's sequence length must be a multiple of (sequence parallelism)
         self.length_multiple = sequence_length_multiple(
             resolve_sequence_parallel(options.sequence_parallel, cfg.parallel.tp), cfg.parallel.tp, cfg.parallel.cp)
-        if from_hf:
-            from ..model.hf_io import HFWeightReader, load_hf_into_model
-
-            reader = HFWeightReader(student, self.arch)
-            reader.check_complete()
-            load_hf_into_model(self.model, self.arch, reader)
-        else:
-            model_ckpt.load_model(self.model, student)
+        self._load_initial_weights(self.model, student, from_hf)
+        self.objective = cfg.objective_config()
+        # GRPO's KL to the initial policy: a frozen copy of model.student, forward only (its
+        # parameters cost one more model in the training dtype per rank, sharded by TP and PP)
+        self.reference_model = None
+        if self.objective.method == "grpo" and self.objective.grpo_kl_beta > 0:
+            self.reference_model = build_gpt_model(self.arch, params_dtype=dtype, options=options,
+                                                   perform_initialization=False)
+            self._load_initial_weights(self.reference_model, student, from_hf)
+            self.reference_model.eval()
+            self.reference_model.requires_grad_(False)
+            logger.info("reference model for algorithm.grpo_kl_beta=%g: a frozen copy of %s (%.2f GiB of "
+                        "parameters on this rank)", self.objective.grpo_kl_beta, student,
+                        sum(t.numel() * t.element_size() for t in self.reference_model.parameters()) / 2**30)
         o = cfg.optimizer
         self.ddp_model, self.optimizer, self.scheduler = wrap_for_training(
             self.model, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_style=o.lr_decay_style,
             lr_decay_steps=cfg.steps * self.updates_per_batch, min_lr=o.min_lr)
-        self.objective = cfg.objective_config()
         # the teacher's top-k per response token, for the top-k KL term (0: not requested)
         self.teacher_topk = cfg.algorithm.topk_k if self.objective.topk_kl != "none" and not self.supervised else 0
         # sft / kd train plain NLL on given text: no rollout temperature to match
         scale = cfg.algorithm.scale_logits_by_rollout_temperature and not self.supervised
         self.logprob_temperature = cfg.rollout.temperature if scale else 1.0
+
+    def _load_initial_weights(self, model: Any, student: Path, from_hf: bool) -> None:
+        """``model.student``'s weights into ``model`` (an HF directory or a converted checkpoint)."""
+        from ..model import checkpoint as model_ckpt
+
+        if from_hf:
+            from ..model.hf_io import HFWeightReader, load_hf_into_model
+
+            reader = HFWeightReader(student, self.arch)
+            reader.check_complete()
+            load_hf_into_model(model, self.arch, reader)
+        else:
+            model_ckpt.load_model(model, student)
+
+    def reference_logprobs(self, data: Any) -> Any | None:
+        """The initial policy's log-probs of every response token (forward only through the frozen
+        reference model, objective.megatron.OldLogprobs in the training micro-batches' layout);
+        ``None`` without ``algorithm.grpo_kl_beta``."""
+        if self.reference_model is None:
+            return None
+        from ..objective.megatron import old_logprobs
+
+        return old_logprobs(self.reference_model, data, vocab_size=self.arch.vocab_size,
+                            temperature=self.logprob_temperature, device=self.device)
 
     def old_logprobs(self, data: Any) -> Any | None:
         """The current policy's log-probs of every response token (forward only) and their
@@ -88,15 +117,16 @@ class Learner:
         return old_logprobs(self.ddp_model, data, vocab_size=self.arch.vocab_size,
                             temperature=self.logprob_temperature, device=self.device)
 
-    def update(self, data: Any, plan: Any, old: Any | None) -> UpdateResult:
-        """``updates_per_batch`` optimizer steps with the objective's loss; a step whose loss or
-        gradient norm is not finite is skipped by ``train_step`` and ends the updates."""
+    def update(self, data: Any, plan: Any, old: Any | None, reference: Any | None = None) -> UpdateResult:
+        """``updates_per_batch`` optimizer steps with the objective's loss (``reference``: the
+        :meth:`reference_logprobs` of GRPO's KL term); a step whose loss or gradient norm is not
+        finite is skipped by ``train_step`` and ends the updates."""
         from ..megatron_step import train_step
         from ..objective.megatron import make_loss_fn
 
         loss_fn = make_loss_fn(self.objective, plan, vocab_size=self.arch.vocab_size,
                                temperature=self.logprob_temperature, supervised=self.supervised,
-                               use_topk=self.teacher_topk > 0, old_logprobs=old)
+                               use_topk=self.teacher_topk > 0, old_logprobs=old, ref_logprobs=reference)
         first, updated = None, False
         for _ in range(self.updates_per_batch):
             result = train_step(self.ddp_model, self.optimizer, self.scheduler, data.micro_batches, loss_fn)

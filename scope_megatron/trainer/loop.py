@@ -7,7 +7,8 @@ One step (:meth:`Trainer._train_one_step`):
 2. **batch** -- every rank builds the global per-trajectory tensors and its DP share of
    micro-batches (:mod:`.batching`);
 3. **old log-probs** -- a forward-only pass through megatron's schedule gives lp_old per token
-   and the per-trajectory means, all-reduced (:class:`.learner.Learner`);
+   and the per-trajectory means, all-reduced (:class:`.learner.Learner`); GRPO with its KL to
+   the initial policy also runs the frozen reference model forward;
 4. **plan** -- routing by correctness, the Eq. 4/5 weights and the global denominators
    (:func:`scope_megatron.objective.plan_batch`);
 5. **update** -- ``train_step`` with the objective's loss per micro-batch (megatron's
@@ -293,6 +294,10 @@ class Trainer:
                 metrics.update(self.colocation.to_training())
         with timer("old_logprobs"):
             old = self.learner.old_logprobs(data)  # None for sft / kd
+        reference = None
+        if self.learner.reference_model is not None:  # GRPO's KL to the initial policy
+            with timer("ref_logprobs"):
+                reference = self.learner.reference_logprobs(data)
         update = None
         with timer("train"):
             if old is not None and not _finite_means(data, old):
@@ -300,7 +305,7 @@ class Trainer:
                                            self.cfg.faults.max_nonfinite_steps)
             else:
                 plan = plan_batch(self.learner.objective, **_plan_inputs(data, old))
-                update = self.learner.update(data, plan, old)
+                update = self.learner.update(data, plan, old, reference)
                 metrics.update(self.recorder.plan_metrics(plan) | self.recorder.update_metrics(update))
                 if update.failure is not None:
                     self.state.count_nonfinite(step, update.failure, self.cfg.faults.max_nonfinite_steps)
