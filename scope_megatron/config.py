@@ -186,6 +186,9 @@ class AlgorithmConfig:
     # student log-probs (old and current) from logits / rollout temperature (the reference code)
     scale_logits_by_rollout_temperature: bool = True
     updates_per_batch: int = 1           # optimizer steps per rollout batch (>1: set clip_eps)
+    # recompute: a forward-only pass gives lp_old and the student means of the SCOPE weights;
+    # rollout: no pass, the means come from the engine's sampled-token log-probs (docs: Cheaper passes)
+    old_logprobs: str = "recompute"
     filter_uniform_groups: bool = False  # drop all-correct / all-wrong groups (DAPO-style; off in SCOPE)
     # with filter_uniform_groups: draw more prompts until prompts_per_step informative groups are in
     refill_filtered_groups: bool = False
@@ -617,6 +620,18 @@ def validate(c: Config) -> None:
         _require(c.sync.transport != "tensor", "sync.transport",
                  "tensor handles (CUDA IPC, shared memory) reach only engines on the trainer's own devices: "
                  "set placement=colocated, or use distributed / disk")
+    _choice(a.old_logprobs, "algorithm.old_logprobs", ("recompute", "rollout"))
+    if a.old_logprobs == "rollout":
+        why = "lp_old then is the current policy's log-probs detached, exact only for one on-policy update"
+        for field_name, refused, reason in (
+                ("algorithm.preset", c.supervised, "sft / kd have no rollouts"),
+                ("algorithm.updates_per_batch", a.updates_per_batch > 1, why),
+                ("rollout.max_staleness", c.rollout.max_staleness > 0, why),
+                ("algorithm.off_policy_correction", objective.off_policy_correction != "none",
+                 "the correction compares the recomputed lp_old with the engine's log-probs"),
+                ("algorithm.scale_logits_by_rollout_temperature", not a.scale_logits_by_rollout_temperature,
+                 "the engine's sampled-token log-probs are at rollout.temperature and the trainer's would be at 1")):
+            _require(not refused, field_name, f"not with algorithm.old_logprobs=rollout: {reason}")
     if a.updates_per_batch > 1 and objective.clip_eps is None:
         raise ConfigError("algorithm.clip_eps", "several updates per batch need a PPO clip (e.g. 0.2)")
     if objective.topk_kl != "none":

@@ -87,6 +87,22 @@ def test_topk_kl_config():
         assert info.value.field == field, str(info.value)
 
 
+def test_old_logprobs_from_the_engine_only_for_one_on_policy_update():
+    assert load_config(TINY_CONFIG, ["algorithm.old_logprobs=rollout"]).algorithm.old_logprobs == "rollout"
+    rollout = "algorithm.old_logprobs=rollout"
+    for overrides, field in (
+            (["algorithm.old_logprobs=cached"], "algorithm.old_logprobs"),
+            ([rollout, "algorithm.updates_per_batch=2", "algorithm.clip_eps=0.2"], "algorithm.updates_per_batch"),
+            ([rollout, "rollout.max_staleness=1"], "rollout.max_staleness"),
+            ([rollout, "algorithm.off_policy_correction=tis"], "algorithm.off_policy_correction"),
+            ([rollout, "algorithm.scale_logits_by_rollout_temperature=false"],
+             "algorithm.scale_logits_by_rollout_temperature"),
+            ([rollout, "algorithm.preset=sft"], "algorithm.preset")):
+        with pytest.raises(ConfigError) as info:
+            load_config(TINY_CONFIG, overrides)
+        assert info.value.field == field, str(info.value)
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["placement=colocated", "rollout.max_staleness=1"], "placement"),  # they take turns: nothing to overlap
     (["placement=colocated", "sync.transport=disk"], "sync.transport"),

@@ -10,7 +10,8 @@ One step of the tiny config with ``algorithm.topk_kl=forward``, ``topk_k=8`` and
 The run uses packed micro-batches, so the [T, K] extras go through packing as well.
 
 Replaying those saved rollouts (``data.replay``, no engines) from the same student trains on the
-same numbers: step 1's loss, KL terms and gradient norm are the original run's, bit for bit.
+same numbers: step 1's loss, KL terms and gradient norm are the original run's, bit for bit; and
+with ``algorithm.old_logprobs: rollout`` the SCOPE means come from the engine's log-probs.
 """
 
 from __future__ import annotations
@@ -95,3 +96,30 @@ def test_replay_reproduces_the_step(topk_run, tmp_path):
                 "objective/ppl/student_mean", "objective/ppl/teacher_mean", "reward/accuracy"):
         assert replayed[key] == original[key], key
     assert replayed["rollout/trajectories"] == len(rollouts)
+
+
+def test_old_logprobs_from_the_rollout_engine(topk_run, tmp_path):
+    """``algorithm.old_logprobs: rollout`` on the saved batch (a replay) whose engine log-probs are
+    shifted by -0.5 (on CPU the fp32 engine agrees with the trainer to ~1e-7, so unshifted values
+    could not tell the two sources apart): no forward-only pass runs, the SCOPE student means are
+    the shifted engine ones, and the trainer-minus-engine mismatch moves by exactly the shift."""
+    import json
+    import math
+
+    assets, run_dir, rollouts = topk_run
+    shifted = [{**t, "rollout_logprobs": [lp - 0.5 for lp in t["rollout_logprobs"]]} for t in rollouts]
+    saved = tmp_path / "saved" / "rollouts"
+    saved.mkdir(parents=True)
+    (saved / "step_00000001.jsonl").write_text("".join(json.dumps(t) + "\n" for t in shifted))
+    replay_dir = tmp_path / "rollout_means"
+    proc = run_train(*asset_overrides(assets, replay_dir), *RUN, f"data.replay={saved.parent}",
+                     "algorithm.old_logprobs=rollout", timeout=240)
+    assert proc.returncode == 0, tail(proc)
+    original, cheap = read_metrics(run_dir)[1], read_metrics(replay_dir)[1]
+    kept = [t for t in shifted if t["response_ids"]]
+    engine_ppl = sum(math.exp(-sum(t["rollout_logprobs"]) / len(t["rollout_logprobs"])) for t in kept) / len(kept)
+    assert cheap["objective/ppl/student_mean"] == pytest.approx(engine_ppl, rel=1e-6)
+    assert cheap["objective/ppl/student_mean"] > 1.5 * original["objective/ppl/student_mean"]  # exp(0.5) = 1.65
+    assert cheap["mismatch/train_minus_rollout"] == pytest.approx(original["mismatch/train_minus_rollout"] + 0.5,
+                                                                  abs=1e-5)
+    assert cheap["time/old_logprobs"] < 0.05 * original["time/old_logprobs"]  # the pass did not run

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..megatron_step import LossFn
     from ..trainer.batching import StepData
 
-__all__ = ["OldLogprobs", "make_loss_fn", "old_logprobs"]
+__all__ = ["OldLogprobs", "make_loss_fn", "old_logprobs", "rollout_means_only"]
 
 
 @dataclass
@@ -36,8 +36,26 @@ class OldLogprobs:
     ``trajectory_means`` is the same on every rank.
     """
 
-    per_micro_batch: list[torch.Tensor]  # one per micro-batch: [b, s] padded or [1, T / cp] packed, on CPU
+    # one per micro-batch: [b, s] padded or [1, T / cp] packed, on CPU; None: no pass ran
+    # (rollout_means_only), and the loss uses the current log-probs detached
+    per_micro_batch: list[torch.Tensor] | None
     trajectory_means: torch.Tensor       # [num_trajectories] float64, mean over each response's tokens
+
+
+def rollout_means_only(data: StepData) -> OldLogprobs:
+    """``algorithm.old_logprobs: rollout``: no forward pass; each trajectory's mean is that of the
+    engine's sampled-token log-probs (at the rollout temperature, as the trainer's are), and the
+    loss takes lp_old as the current log-probs detached (rho = 1: the same value and gradient for
+    the single on-policy update this mode is allowed with). Raises ValueError when a trajectory
+    has no engine log-probs."""
+    means = []
+    for t in data.trajectories:
+        if len(t.rollout_logprobs) != len(t.response_ids):
+            raise ValueError(f"algorithm.old_logprobs=rollout needs the engine's log-prob of every response token: "
+                             f"prompt {t.prompt_index} sample {t.sample} has {len(t.rollout_logprobs)} for "
+                             f"{len(t.response_ids)} tokens")
+        means.append(sum(t.rollout_logprobs) / len(t.rollout_logprobs))
+    return OldLogprobs(per_micro_batch=None, trajectory_means=torch.tensor(means, dtype=torch.float64))
 
 
 def old_logprobs(ddp_model, data: StepData, *, vocab_size: int, temperature: float,
@@ -124,7 +142,7 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
     """The per-micro-batch loss for :func:`~scope_megatron.megatron_step.train_step`.
 
     ``old_logprobs``: the step's lp_old (from :func:`old_logprobs` on the same micro-batches, in
-    the same order); None uses the current log-probs detached (rho = 1, and the only choice for
+    the same order); None (or one without per-micro-batch values) uses the current log-probs detached (rho = 1, and the only choice for
     ``supervised`` runs, which have no old policy). ``supervised`` also drops the teacher's and
     the rollout engine's log-probs (MLE on given text). ``use_topk`` computes the sampled-token
     log-probs and the top-k KL against the teacher's top-k rows in one pass over the logits.
@@ -143,7 +161,9 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
         else:
             lp, entropy = vocab_parallel_logprobs(logits, fields.targets, vocab_size=vocab_size,
                                                   temperature=temperature, return_entropy=True, check_finite=False)
-        old = None if old_logprobs is None else old_logprobs.per_micro_batch[mb.index].to(logits.device)
+        old = None
+        if old_logprobs is not None and old_logprobs.per_micro_batch is not None:
+            old = old_logprobs.per_micro_batch[mb.index].to(logits.device)
         ref = None if ref_logprobs is None else ref_logprobs.per_micro_batch[mb.index].to(logits.device)
         coefficients = plan.select(fields.trajectory_index.cpu()).to(logits.device)
         out = objective_loss(objective, coefficients, plan.denominators, logprobs=lp, response_mask=fields.response_mask,

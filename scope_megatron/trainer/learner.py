@@ -81,6 +81,7 @@ class Learner:
         # sft / kd train plain NLL on given text: no rollout temperature to match
         scale = cfg.algorithm.scale_logits_by_rollout_temperature and not self.supervised
         self.logprob_temperature = cfg.rollout.temperature if scale else 1.0
+        self.old_logprobs_from_rollout = cfg.algorithm.old_logprobs == "rollout"  # no forward-only pass
 
     def _load_initial_weights(self, model: Any, student: Path, from_hf: bool) -> None:
         """``model.student``'s weights into ``model`` (an HF directory or a converted checkpoint)."""
@@ -108,12 +109,15 @@ class Learner:
 
     def old_logprobs(self, data: Any) -> Any | None:
         """The current policy's log-probs of every response token (forward only) and their
-        per-trajectory means (objective.megatron.OldLogprobs); ``None`` for sft / kd, which have
+        per-trajectory means (objective.megatron.OldLogprobs); with ``algorithm.old_logprobs:
+        rollout`` only the means, from the engine's log-probs; ``None`` for sft / kd, which have
         no old policy."""
         if self.supervised:
             return None
-        from ..objective.megatron import old_logprobs
+        from ..objective.megatron import old_logprobs, rollout_means_only
 
+        if self.old_logprobs_from_rollout:
+            return rollout_means_only(data)
         return old_logprobs(self.ddp_model, data, vocab_size=self.arch.vocab_size,
                             temperature=self.logprob_temperature, device=self.device)
 

@@ -293,7 +293,10 @@ class Trainer:
             with timer("colocation"):
                 metrics.update(self.colocation.to_training())
         with timer("old_logprobs"):
-            old = self.learner.old_logprobs(data)  # None for sft / kd
+            try:
+                old = self.learner.old_logprobs(data)  # None for sft / kd
+            except ValueError as exc:  # every rank has the same batch: every rank stops here
+                raise TrainingAborted(f"step {step}: {exc}") from exc
         reference = None
         if self.learner.reference_model is not None:  # GRPO's KL to the initial policy
             with timer("ref_logprobs"):
