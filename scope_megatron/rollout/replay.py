@@ -39,9 +39,16 @@ def write_rollouts(directory: str | Path, batch: RolloutBatch) -> Path:
     partial = out.with_suffix(".jsonl.partial")
     with partial.open("w") as f:
         for t in batch.trajectories:
-            f.write(json.dumps({**dataclasses.asdict(t), "correct": t.correct}) + "\n")
+            # list fields may be tensor-backed views (the controller's, the receiving ranks'): as lists
+            record = {f.name: _plain(getattr(t, f.name)) for f in dataclasses.fields(t)}
+            f.write(json.dumps({**record, "correct": t.correct}) + "\n")
     partial.replace(out)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: a tensor-backed list view as the Python list it stands for."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def resolve_replay_dir(path: str | Path) -> Path:

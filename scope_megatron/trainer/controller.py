@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from ..config import DEFAULT_TEACHER, ConfigError
+from ..rollout.batch_transport import tensor_backed
 from ..rollout.client import first_leaf
 from ..rollout.types import RolloutBatch, Trajectory
 from .batching import uniform_groups
@@ -370,11 +371,13 @@ class RolloutController:
                 rewards = await self.reward_pool.score_async(texts, [rec.answer] * len(texts), truncated)
             marks["reward_end"] = max(marks["reward_end"], time.monotonic())
             teacher = [await t for _, t in pairs]
-            return [Trajectory(group=gi, prompt_index=rec.index, sample=s, prompt_ids=list(rec.prompt_ids),
+            # tensor-backed as each group completes: the broadcast then copies memory instead of
+            # converting every token list of the batch at once (rollout.batch_transport)
+            return [tensor_backed(Trajectory(group=gi, prompt_index=rec.index, sample=s, prompt_ids=list(rec.prompt_ids),
                                response_ids=list(r.output_ids), rollout_logprobs=list(r.output_logprobs or []),
                                teacher_logprobs=list(lp), reward=float(rw.reward), reward_status=rw.status,
                                finish=r.finish_reason.type, weight_version=r.weight_version, teacher_topk_ids=ids,
-                               teacher_topk_logprobs=top, teacher=self.teacher_of(rec))
+                               teacher_topk_logprobs=top, teacher=self.teacher_of(rec)))
                     for s, (r, (lp, ids, top), rw) in enumerate(zip(results, teacher, rewards))]
 
         try:
