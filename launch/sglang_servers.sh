@@ -25,6 +25,13 @@
 #                      so the router must tolerate failed probes (every 60 s) for longer than one
 #   EXTRA_STUDENT_ARGS, EXTRA_TEACHER_ARGS [none]   more server flags (SGLang's prefix cache is on
 #                      by default; --disable-radix-cache turns it off)
+#   COLOCATE [0]       1: the student shares the trainer's GPUs (placement: colocated): ONE student
+#                      server over all of STUDENT_GPUS (--tp-size = their number) with
+#                      --enable-memory-saver, and servers.env says PLACEMENT=colocated so that
+#                      launch/train.sh trains on exactly those GPUs. Run train.sh on this machine.
+#   STUDENT_MEM_FRACTION [0.5]   with COLOCATE=1 and SGLang: --mem-fraction-static of the student
+#                      (weights + KV cache while it generates; the trainer's parameters stay on
+#                      the GPUs meanwhile, so leave them room)
 #   PYTHON [python]
 set -euo pipefail
 OUT_DIR=${1:-runs/servers}

@@ -3,6 +3,8 @@
 #
 # With SERVERS_ENV=runs/servers/servers.env (written by launch/sglang_servers.sh) the student and
 # teacher URLs are added as overrides; otherwise the config's URLs are used (none: embedded engines).
+# Servers started with COLOCATE=1 (PLACEMENT=colocated in servers.env) share the student's GPUs
+# with the trainer: it trains on exactly those GPUs (COLOCATED_GPUS) with placement=colocated.
 #
 # GPUs: the trainer takes TRAIN_GPUS (comma-separated ids), or else every GPU `nvidia-smi -L` lists
 # except the servers' (SERVER_GPUS from SERVERS_ENV when the servers run on this machine, or set
@@ -30,7 +32,21 @@ if [[ -n "${SERVERS_ENV:-}" ]]; then
   EXTRA+=("rollout.student_urls=${STUDENT_URLS}" "rollout.student_router_url=${STUDENT_ROUTER}"
           "teacher.urls=${TEACHER_URLS}" "teacher.router_url=${TEACHER_ROUTER}")
   # servers on another machine leave this one's GPUs to the trainer
-  if [[ -n "${SERVER_HOSTNAME:-}" && "$SERVER_HOSTNAME" != "$(hostname)" ]]; then SERVER_GPUS=$SERVER_GPUS_BEFORE; fi
+  if [[ -n "${SERVER_HOSTNAME:-}" && "$SERVER_HOSTNAME" != "$(hostname)" ]]; then
+    [[ "${PLACEMENT:-separate}" != colocated ]] || die "the colocated student server runs on $SERVER_HOSTNAME," \
+      "so the trainer must too: run launch/train.sh there"
+    SERVER_GPUS=$SERVER_GPUS_BEFORE
+  fi
+  if [[ "${PLACEMENT:-separate}" == colocated ]]; then
+    EXTRA+=("placement=colocated")
+    colocated=$(normalize_gpu_list COLOCATED_GPUS "${COLOCATED_GPUS:-}")
+    if [[ -n "${TRAIN_GPUS:-}" ]]; then
+      [[ "$(normalize_gpu_list TRAIN_GPUS "$TRAIN_GPUS")" == "$colocated" ]] || die "TRAIN_GPUS=$TRAIN_GPUS:" \
+        "the colocated student server runs on GPUs $colocated, and the trainer must train on exactly those"
+    fi
+    # without GPUs (embedded engines on CPU) the launcher's GPU ids select nothing
+    if command -v nvidia-smi >/dev/null 2>&1; then TRAIN_GPUS=$colocated; fi
+  fi
 fi
 SERVER_GPUS=${SERVER_GPUS:-}
 

@@ -3,7 +3,8 @@
 - ``launch/sglang_servers.sh`` (ENGINE=embedded) brings a student and a teacher server up and
   writes ``servers.env``; ``launch/train.sh`` (SERVERS_ENV) and ``launch/train_multinode.sh``
   (NNODES=1, static rendezvous) each train against them; SIGTERM to the server script stops
-  every server process.
+  every server process. With ``COLOCATE=1`` the student server shares the trainer's devices and
+  ``launch/train.sh`` trains a colocated step against it (release, train, resume, in-memory sync).
 - ``launch/train.sh`` gives the trainer only the GPUs the servers do not hold (an ``nvidia-smi``
   stand-in lists 8 GPUs; ``DRY_RUN=1`` prints the torchrun command) and refuses overlaps;
   ``launch/train_multinode.sh`` uses torchrun's static rendezvous (node ranks as given).
@@ -43,7 +44,7 @@ SHORT = ("steps=1", "checkpoint.every=1")  # one step (weight sync, rollouts, sc
 LAUNCH_VARIABLES = ("TRAIN_GPUS", "SERVER_GPUS", "SERVERS_ENV", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
                     "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "DRY_RUN", "SHUTDOWN_TIMEOUT", "SEEDED", "OUT", "RUN_DIR",
                     "EXTRA_STUDENT_ARGS", "EXTRA_TEACHER_ARGS", "STUDENT_GPUS", "TEACHER_GPUS", "TEACHER_TP", "HOST",
-                    "SERVER_HOST", "GPUS_PER_NODE")
+                    "SERVER_HOST", "GPUS_PER_NODE", "COLOCATE", "STUDENT_MEM_FRACTION", "PLACEMENT", "COLOCATED_GPUS")
 
 
 def _script_env(**extra: str) -> dict[str, str]:
@@ -137,9 +138,11 @@ def _printed_command(proc: subprocess.CompletedProcess) -> tuple[dict[str, str],
     return assignments, words
 
 
-def _write_servers_env(path: Path, gpus: str, hostname: str) -> Path:
+def _write_servers_env(path: Path, gpus: str, hostname: str, colocated_gpus: str = "") -> Path:
+    placement = "colocated" if colocated_gpus else "separate"
     path.write_text(f"STUDENT_URLS=[http://n:1]\nSTUDENT_ROUTER=http://n:1\nTEACHER_URLS=[http://n:2]\n"
-                    f"TEACHER_ROUTER=http://n:2\nSERVER_GPUS={gpus}\nSERVER_HOSTNAME={hostname}\n")
+                    f"TEACHER_ROUTER=http://n:2\nSERVER_GPUS={gpus}\nSERVER_HOSTNAME={hostname}\n"
+                    f"PLACEMENT={placement}\nCOLOCATED_GPUS={colocated_gpus}\n")
     return path
 
 
@@ -177,6 +180,23 @@ def test_train_sh_takes_only_the_gpus_the_servers_do_not_use(eight_gpus, guarded
         assert proc.stdout == ""
 
 
+def test_train_sh_trains_on_the_colocated_students_gpus(eight_gpus, guarded_python, tmp_path):
+    import socket
+
+    here = _write_servers_env(tmp_path / "here.env", "4", socket.gethostname(), colocated_gpus="0,1,2,3")
+    elsewhere = _write_servers_env(tmp_path / "elsewhere.env", "4", "some-other-node", colocated_gpus="0,1,2,3")
+    gpu8 = {"PATH": eight_gpus, "PYTHON": guarded_python}
+    env, argv = _printed_command(_dry_run(TRAIN_SH, {**gpu8, "SERVERS_ENV": str(here)}))
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and "--nproc_per_node=4" in argv and "placement=colocated" in argv
+    env, argv = _printed_command(_dry_run(TRAIN_SH, {**gpu8, "SERVERS_ENV": str(here), "TRAIN_GPUS": "0, 1,2,3"}))
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    for extra, message in [({"SERVERS_ENV": str(here), "TRAIN_GPUS": "4,5,6,7"},
+                            "the colocated student server runs on GPUs 0,1,2,3"),
+                           ({"SERVERS_ENV": str(elsewhere)}, "runs on some-other-node, so the trainer must too")]:
+        proc = _dry_run(TRAIN_SH, {**gpu8, **extra})
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+
+
 def test_train_sh_without_gpus_runs_one_rank(guarded_python):
     path = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "nvidia-smi").exists())
     env, argv = _printed_command(_dry_run(TRAIN_SH, {"PATH": path, "PYTHON": guarded_python}))
@@ -210,11 +230,11 @@ def test_train_multinode_sh_uses_the_static_rendezvous(guarded_python):
 class Servers:
     """``launch/sglang_servers.sh`` running in the background."""
 
-    def __init__(self, out_dir: Path, assets: dict[str, Path]) -> None:
+    def __init__(self, out_dir: Path, assets: dict[str, Path], **extra: str) -> None:
         self.out_dir = out_dir
         self.log = out_dir.parent / "sglang_servers.out"
         self.env = _script_env(STUDENT=str(assets["student"]), TEACHER=str(assets["teacher"]), ENGINE="embedded",
-                               STUDENT_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
+                               STUDENT_PORT=str(free_port()), TEACHER_PORT=str(free_port()), **extra)
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(["bash", str(SERVERS_SH), str(out_dir)], cwd=REPO, env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -253,8 +273,9 @@ def servers(assets, tmp_path_factory):
 def test_servers_come_up_and_write_servers_env(servers, assets):
     urls = servers.urls
     assert set(urls) == {"STUDENT_URLS", "STUDENT_ROUTER", "TEACHER_URLS", "TEACHER_ROUTER", "SERVER_GPUS",
-                         "SERVER_HOSTNAME"}
+                         "SERVER_HOSTNAME", "PLACEMENT", "COLOCATED_GPUS"}
     assert urls["STUDENT_URLS"] == f"[{urls['STUDENT_ROUTER']}]" and urls["SERVER_GPUS"] == "0,1"
+    assert urls["PLACEMENT"] == "separate" and urls["COLOCATED_GPUS"] == ""
     for role in ("STUDENT", "TEACHER"):
         assert httpx.get(urls[f"{role}_ROUTER"] + "/health", timeout=30).status_code == 200
     info = httpx.get(urls["STUDENT_ROUTER"] + "/server_info", timeout=30).json()
@@ -304,6 +325,37 @@ def test_sigterm_stops_every_server(servers):
     assert servers.proc.wait(timeout=60) == 0, _tail(servers.log)
     assert _wait_gone(pids, timeout=30) == [], f"still running: {_wait_gone(pids, 0)}"
     assert not (servers.out_dir / "servers.env").exists()  # the servers are gone, so is their address
+
+
+def test_colocated_servers_and_train_sh_take_turns_on_the_devices(assets, tmp_path):
+    """COLOCATE=1: the student server starts with the memory saver and servers.env says so; train.sh
+    then runs a colocated step against it (the engine releases its memory, the trainer trains,
+    the engine resumes and gets the weights in memory, the probe check passes)."""
+    handle = Servers(tmp_path / "servers", assets, COLOCATE="1")
+    try:
+        urls = handle.wait_ready(timeout=300)
+        assert urls["PLACEMENT"] == "colocated" and urls["COLOCATED_GPUS"] == "0" and urls["SERVER_GPUS"] == "1"
+        first_line = (handle.out_dir / "logs" / "student-0.log").read_text().splitlines()[0]
+        assert "--enable-memory-saver" in first_line
+        run_dir = tmp_path / "run"
+        proc = subprocess.run(["bash", str(TRAIN_SH), str(TINY_CONFIG), *asset_overrides(assets, run_dir), *SHORT],
+                              cwd=REPO, capture_output=True, text=True, timeout=450,
+                              env=_script_env(SERVERS_ENV=str(handle.out_dir / "servers.env")))
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    finally:
+        if handle.proc.poll() is None:
+            os.killpg(handle.proc.pid, signal.SIGTERM)
+            try:
+                handle.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _kill_groups([handle.proc.pid])
+        _kill_groups(handle.pids.values())
+    _trained_against(run_dir, urls)
+    assert "placement: colocated" in (run_dir / "config.yaml").read_text()
+    metrics = read_metrics(run_dir)[1]
+    assert metrics["time/colocation"] > 0 and "memory/engines_released_gib" in metrics
+    probes = [json.loads(line) for line in (run_dir / "sync_probe.jsonl").read_text().splitlines()]
+    assert len(probes) == 2 and all(p["mean_abs_diff"] <= p["tolerance"] for p in probes), probes  # start + step 1
 
 
 # ---- the Slurm script with local stand-ins ------------------------------------------------------------

@@ -115,9 +115,20 @@ def test_server_groups_from_env_defaults_and_errors():
                          ({"TEACHER_GPUS": "1,2,3", "TEACHER_TP": "2"}, "TEACHER_TP=2"),
                          ({"STUDENT_GPUS": "0,x"}, "STUDENT_GPUS='0,x' is not a comma-separated list"),
                          ({"SEEDED": "yes"}, "SEEDED must be 0 or 1"), ({"ENGINE": "vllm"}, "ENGINE must be"),
-                         ({"ROUTER_HEALTH_FAILURES": "0"}, "ROUTER_HEALTH_FAILURES='0' must be >= 1")]:
+                         ({"ROUTER_HEALTH_FAILURES": "0"}, "ROUTER_HEALTH_FAILURES='0' must be >= 1"),
+                         ({"COLOCATE": "yes"}, "COLOCATE must be 0 or 1"),
+                         ({"COLOCATE": "1", "STUDENT_MEM_FRACTION": "1.5"}, "STUDENT_MEM_FRACTION='1.5'"),
+                         ({"COLOCATE": "1", "ENGINE": "embedded", "STUDENT_GPUS": "0,2"}, "no tensor parallelism")]:
         with pytest.raises(ServersEnvError, match=message):
             server_groups_from_env({"STUDENT": "/s", "TEACHER": "/t", **env})
+    # colocated: one student server over all its GPUs (the trainer's), with the memory saver
+    student, _ = server_groups_from_env({"STUDENT": "/s", "TEACHER": "/t", "COLOCATE": "1", "STUDENT_GPUS": "0,1,2,3",
+                                         "TEACHER_GPUS": "4", "EXTRA_STUDENT_ARGS": "--disable-radix-cache"})
+    assert (student.num_replicas, student.tp_size, student.gpu_ids) == (1, 4, [0, 1, 2, 3])
+    assert list(student.extra_args) == ["--enable-memory-saver", "--mem-fraction-static", "0.5",
+                                        "--disable-radix-cache"]
+    embedded, _ = server_groups_from_env({"STUDENT": "/s", "TEACHER": "/t", "COLOCATE": "1", "ENGINE": "embedded"})
+    assert list(embedded.extra_args) == ["--enable-memory-saver"]  # no --mem-fraction-static: not its flag
 
 
 # ---- the argv against SGLang's own parsers --------------------------------------------------------
@@ -129,12 +140,15 @@ def _server_argvs() -> dict[str, list[str]]:
     unseeded, _ = server_groups_from_env({**base, "SEEDED": "0"})
     _, teacher_tp = server_groups_from_env({**base, "STUDENT_GPUS": "0,1", "TEACHER_GPUS": "2,3", "TEACHER_TP": "2",
                                             "EXTRA_TEACHER_ARGS": "--mem-fraction-static 0.8 --disable-radix-cache"})
+    colocated, _ = server_groups_from_env({**base, "COLOCATE": "1", "STUDENT_GPUS": "0,1", "TEACHER_GPUS": "2",
+                                           "STUDENT_MEM_FRACTION": "0.4"})
     wrong = ServerGroupSpec(role="teacher", model_path="/models/teacher", extra_args=["--enable-prefix-caching"])
     return {
         "student_seeded": server_command(student, "127.0.0.1", 30000, 29001, python="python"),
         "student_unseeded": server_command(unseeded, "node0", 30001, 29002, python="python"),
         "teacher_default": server_command(teacher, "127.0.0.1", 30100, 29003, python="python"),
         "teacher_tp_extra": server_command(teacher_tp, "10.0.0.5", 30100, 29004, python="python", api_key="sekret"),
+        "student_colocated": server_command(colocated, "127.0.0.1", 30000, 29006, python="python"),
         "wrong_vllm_flag": server_command(wrong, "127.0.0.1", 30100, 29005, python="python"),
     }
 
@@ -186,6 +200,8 @@ def test_sglang_0_5_23_parses_every_server_argv(server_parsed):
     t = v["teacher_tp_extra"]
     assert (t["tp_size"], t["host"], t["api_key"], t["mem_fraction_static"], t["disable_radix_cache"]) == \
         (2, "10.0.0.5", "sekret", 0.8, True)
+    c = v["student_colocated"]
+    assert (c["tp_size"], c["enable_memory_saver"], c["mem_fraction_static"]) == (2, True, 0.4)
     # the parser is strict: vLLM's flag is refused with argparse's usage error
     wrong = server_parsed["wrong_vllm_flag"]
     assert not wrong["ok"] and wrong["exit_code"] == 2

@@ -292,6 +292,10 @@ SERVERS_ENV_DEFAULTS: dict[str, str] = {
     # every 60 s: 30 failures in a row are ~30 minutes, longer than any weight update
     "ROUTER_HEALTH_TIMEOUT_S": "30", "ROUTER_HEALTH_FAILURES": "30",
     "EXTRA_STUDENT_ARGS": "", "EXTRA_TEACHER_ARGS": "",
+    # COLOCATE=1: one student server over STUDENT_GPUS, which the trainer then trains on too
+    # (placement: colocated), with the memory saver and STUDENT_MEM_FRACTION of each GPU for its
+    # weights and KV cache (SGLang's --mem-fraction-static)
+    "COLOCATE": "0", "STUDENT_MEM_FRACTION": "0.5",
 }
 
 
@@ -336,10 +340,32 @@ def server_groups_from_env(env: Mapping[str, str]) -> list[ServerGroupSpec]:
     engine = get("ENGINE")
     if engine not in ("sglang", "embedded"):
         raise ServersEnvError(f"ENGINE must be 'sglang' or 'embedded', got {engine!r}")
+    if get("COLOCATE") not in ("0", "1"):
+        raise ServersEnvError(f"COLOCATE must be 0 or 1, got {get('COLOCATE')!r}")
+    student_args = shlex.split(get("EXTRA_STUDENT_ARGS"))
+    replicas, student_tp = len(student_gpus), 1
+    if get("COLOCATE") == "1":
+        # the trainer's layout: one engine over the node's training GPUs, its TP ranks on the
+        # trainer's devices; the memory saver lets it hand its memory over between steps
+        replicas, student_tp = 1, len(student_gpus)
+        if engine == "embedded" and student_tp > 1:
+            raise ServersEnvError(f"COLOCATE=1 with ENGINE=embedded serves one GPU (it has no tensor parallelism); "
+                                  f"STUDENT_GPUS={get('STUDENT_GPUS')} lists {student_tp}")
+        colocated = ["--enable-memory-saver"]
+        if engine == "sglang":
+            fraction = get("STUDENT_MEM_FRACTION")
+            try:
+                ok = 0 < float(fraction) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ServersEnvError(f"STUDENT_MEM_FRACTION={fraction!r} must be a fraction in (0, 1)")
+            colocated += ["--mem-fraction-static", fraction]
+        student_args = colocated + student_args
     return [
-        ServerGroupSpec(role="student", model_path=env["STUDENT"], num_replicas=len(student_gpus), tp_size=1,
+        ServerGroupSpec(role="student", model_path=env["STUDENT"], num_replicas=replicas, tp_size=student_tp,
                         gpu_ids=student_gpus, base_port=_env_int(env, "STUDENT_PORT", 1), engine=engine,
-                        deterministic=get("SEEDED") == "1", extra_args=shlex.split(get("EXTRA_STUDENT_ARGS")),
+                        deterministic=get("SEEDED") == "1", extra_args=student_args,
                         router_health_check_timeout_s=_env_int(env, "ROUTER_HEALTH_TIMEOUT_S", 1),
                         router_health_failure_threshold=_env_int(env, "ROUTER_HEALTH_FAILURES", 1)),
         ServerGroupSpec(role="teacher", model_path=env["TEACHER"], num_replicas=len(teacher_gpus) // teacher_tp,
@@ -348,16 +374,22 @@ def server_groups_from_env(env: Mapping[str, str]) -> list[ServerGroupSpec]:
     ]
 
 
-def servers_env_lines(endpoints: Mapping[str, Endpoints], groups: Sequence[ServerGroupSpec]) -> list[str]:
+def servers_env_lines(endpoints: Mapping[str, Endpoints], groups: Sequence[ServerGroupSpec],
+                      colocated: bool = False) -> list[str]:
     """``servers.env``: the URLs as the trainer's overrides take them, the GPUs the servers hold
-    and the machine they are on (``launch/train.sh`` trains on the other GPUs of that machine)."""
-    gpus = [g for spec in groups for g in (spec.gpu_ids or ())]
+    and the machine they are on (``launch/train.sh`` trains on the other GPUs of that machine).
+    ``colocated``: the student's GPUs are the trainer's (``COLOCATED_GPUS``, ``PLACEMENT=colocated``),
+    not counted in ``SERVER_GPUS``."""
+    held = [g for spec in groups if not (colocated and spec.role == "student") for g in (spec.gpu_ids or ())]
+    shared = [g for spec in groups if colocated and spec.role == "student" for g in (spec.gpu_ids or ())]
     return [f"STUDENT_URLS=[{','.join(endpoints['student'].worker_urls)}]",
             f"STUDENT_ROUTER={endpoints['student'].url}",
             f"TEACHER_URLS=[{','.join(endpoints['teacher'].worker_urls)}]",
             f"TEACHER_ROUTER={endpoints['teacher'].url}",
-            f"SERVER_GPUS={','.join(str(g) for g in gpus)}",
-            f"SERVER_HOSTNAME={socket.gethostname()}"]
+            f"SERVER_GPUS={','.join(str(g) for g in held)}",
+            f"SERVER_HOSTNAME={socket.gethostname()}",
+            f"PLACEMENT={'colocated' if colocated else 'separate'}",
+            f"COLOCATED_GPUS={','.join(str(g) for g in shared)}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with servers as endpoints:
             starting = False
-            text = "\n".join(servers_env_lines(endpoints, groups)) + "\n"
+            colocated = os.environ.get("COLOCATE", SERVERS_ENV_DEFAULTS["COLOCATE"]) == "1"
+            text = "\n".join(servers_env_lines(endpoints, groups, colocated=colocated)) + "\n"
             tmp = out / "servers.env.tmp"
             tmp.write_text(text)
             tmp.replace(servers_env)  # whole or absent for a reader polling for it

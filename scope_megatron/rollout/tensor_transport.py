@@ -89,12 +89,44 @@ class LocalSerializedTensor:
         return deserialize_tensor_payload(self.values[rank])
 
 
+_shm_manager_started = False
+
+
 def use_file_system_sharing() -> None:
-    """Share CPU tensors by shared-memory file name (process-wide torch setting); see the module doc."""
+    """Share CPU tensors by shared-memory file name (process-wide torch setting); see the module doc.
+
+    The first ``file_system`` share starts torch's ``torch_shm_manager`` daemon (libshm's
+    ``start_manager``, a fork + exec), which inherits this process's stdout and stderr and lives
+    until every process using the memory has let go of it: with an engine that outlives the
+    trainer (servers started by ``launch/sglang_servers.sh``), a caller reading the trainer's
+    output to its end (``train.sh | tee``, ``subprocess.run(capture_output=True)``) would wait
+    for the servers to stop. So the daemon is started here with those two descriptors on
+    ``/dev/null``."""
+    import os
+    import sys
+
+    import torch
     import torch.multiprocessing as mp
 
+    global _shm_manager_started
     if mp.get_sharing_strategy() != "file_system":
         mp.set_sharing_strategy("file_system")
+    if _shm_manager_started:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        torch.empty(1).share_memory_()  # starts the manager, with /dev/null as its stdio
+        _shm_manager_started = True
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def cuda_device_uuid(index: int) -> str:
