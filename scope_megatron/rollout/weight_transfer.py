@@ -132,6 +132,53 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def resume_released_engines(record: str | Path, worker_urls: Sequence[str], api_key: str | None = None,
+                            timeout_s: float = 60.0) -> list[str]:
+    """Resume the colocated engines a trainer that died left released, before anything else
+    reaches them; returns one line per engine for the log, and removes the record.
+
+    SGLang 0.5.23 says nowhere whether an engine's memory is released (the tags live in the
+    scheduler's ``offload_tags``, managers/scheduler_components/weight_updater.py:96, and no
+    endpoint reports them), and both wrong guesses are fatal: ``/health`` on a released engine
+    generates a token on unmapped memory (entrypoints/http_server.py:721-790), and resuming one
+    that is not released raises ``KeyError`` in ``offload_tags.remove`` (weight_updater.py:389-390).
+    So :meth:`WeightTransfer.release_memory` records the engines it released with their weight
+    versions, and this resumes an engine only when it is in the record and still reports that
+    version (``/model_info``, which generates nothing): a restarted server reports its initial
+    version and is left alone. A trainer killed between the release request and its record
+    (milliseconds) is not covered."""
+    import httpx
+
+    path = Path(record)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        recorded, tags = dict(data["engines"]), data.get("tags")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        path.unlink(missing_ok=True)
+        return [f"ignored an unreadable record of released engines {path}: {exc}"]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    lines = []
+    for url in (u.rstrip("/") for u in worker_urls):
+        if url not in recorded:
+            continue
+        try:
+            with httpx.Client(base_url=url, headers=headers, timeout=timeout_s, trust_env=False) as client:
+                version = client.get("/model_info").json().get("weight_version")
+                if version != recorded[url]:
+                    lines.append(f"{url}: reports weight version {version!r}, not {recorded[url]!r} as when it was "
+                                 f"released (restarted since?): left as it is")
+                    continue
+                reply = client.post("/resume_memory_occupation", json={"tags": tags})
+                reply.raise_for_status()
+                lines.append(f"{url}: released by the previous trainer, resumed")
+        except (httpx.HTTPError, ValueError) as exc:
+            lines.append(f"{url}: resuming its released memory failed: {type(exc).__name__}: {exc}")
+    path.unlink(missing_ok=True)
+    return lines
+
+
 def _test_stall_after_first_bucket() -> None:
     """Test hook: with ``SCOPE_MEGATRON_TEST_STALL_FILE`` set, touch that file and sleep forever after
     the first bucket of an update has been received (the engines are then paused, a session is
@@ -176,7 +223,7 @@ class WeightTransfer:
                  flattened_bucket: bool = False, api_key: str | None = None, tp_sizes: Sequence[int] | None = None,
                  request_timeout_s: float = 1800.0, group_timeout_s: float = 600.0,
                  verify_version: bool = True, group_record: str | Path | None = None,
-                 recovery_timeout_s: float = 60.0):
+                 recovery_timeout_s: float = 60.0, released_record: str | Path | None = None):
         if transport not in ("distributed", "disk", "tensor"):
             raise ValueError(f"transport must be 'distributed', 'disk' or 'tensor', got {transport!r}")
         if transport == "disk" and disk_dir is None:
@@ -202,6 +249,8 @@ class WeightTransfer:
         self.verify_version = verify_version
         self.group_record = Path(group_record) if group_record is not None else None
         self.recovery_timeout_s = recovery_timeout_s
+        # colocated engines whose memory is released now (see resume_released_engines)
+        self.released_record = Path(released_record) if released_record is not None else None
         self._loop = BackgroundLoop("weight-transfer-loop")
         self._clients = [SGLangClient(u, api_key=api_key, timeout_s=request_timeout_s, max_retries=3)
                          for u in self.engine_urls]
@@ -451,14 +500,25 @@ class WeightTransfer:
             stats.num_buckets = int(sent["requests"])
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """Colocated engines (idle) free their GPU memory: ``/release_memory_occupation``."""
+        """Colocated engines (idle) free their GPU memory: ``/release_memory_occupation``. With
+        ``released_record`` the engines and their weight versions are written there once they
+        have released, so that a trainer started after this one died can resume them first."""
+        versions = [info.get("weight_version") for info in self._all("model_info")] if self.released_record else []
         for sender in self._tensor_senders():
             sender.release(tags)
+        if self.released_record is not None:
+            self.released_record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.released_record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"engines": dict(zip(self.engine_urls, versions)),
+                                       "tags": list(tags) if tags else None}))
+            tmp.replace(self.released_record)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Colocated engines take their memory back; their weights come with the next :meth:`update`."""
         for sender in self._tensor_senders():
             sender.resume(tags)
+        if self.released_record is not None:
+            self.released_record.unlink(missing_ok=True)
 
     def _raise_first(self, results: list[Any], what: str) -> None:
         for url, r in zip(self.engine_urls, results):

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, check_embedded_devices, check_world
 from ..parallel import Layout
 from ..rollout.types import RolloutBatch
+from ..rollout.weight_transfer import resume_released_engines
 from .batching import StepData, build_step_data
 from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
 from .colocation import Colocation
@@ -49,7 +50,7 @@ from .metrics import MetricsLogger
 from .rollout_source import RolloutSource
 from .state import STOP_FILE, RunState, StopRequest, TrainingAborted
 from .step_metrics import StepRecorder, StepTimer, batch_metrics
-from .weight_sync import Probe, SyncError, WeightSync, default_verify_tolerance, make_probe
+from .weight_sync import Probe, SyncError, WeightSync, default_verify_tolerance, make_probe, released_engines_record
 
 __all__ = ["STOP_FILE", "Trainer", "TrainingAborted"]
 
@@ -223,6 +224,12 @@ class Trainer:
             if cfg.embedded_student:
                 self.engines.launch("student", embedded_engine_config(cfg, "student", student_init, engine_dtype,
                                                                       str(self.state.step)))
+            if cfg.placement == "colocated" and not cfg.embedded_student:
+                # servers that outlived a trainer killed during training are still released:
+                # resumed before anything (the readiness probe included) reaches them
+                for line in resume_released_engines(released_engines_record(self.run_dir), cfg.rollout.student_urls,
+                                                    api_key=cfg.rollout.api_key):
+                    logger.warning("colocated engine recovery: %s", line)
             self.services = RolloutServices.connect(cfg, self.engines, tokenizer=self.tokenizer,
                                                     vocab_size=self.learner.arch.vocab_size,
                                                     teacher_topk=self.learner.teacher_topk)

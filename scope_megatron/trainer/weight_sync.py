@@ -97,6 +97,12 @@ def finish_param_sync(ddp_model: Any) -> bool:
     return finished
 
 
+def released_engines_record(run_dir: str | Path) -> Path:
+    """Where a colocated run records the engines whose memory it released (until they resume);
+    :func:`~scope_megatron.rollout.weight_transfer.resume_released_engines` reads it."""
+    return Path(run_dir) / "engines_released.json"
+
+
 def default_verify_tolerance(dtype: torch.dtype) -> float:
     """Largest allowed mean |lp_engine - lp_trainer| over the probe when ``sync.verify_tolerance`` is unset."""
     return 1e-3 if dtype == torch.float32 else 0.1
@@ -202,7 +208,9 @@ class WeightSync:
                                            flattened_bucket=flattened_bucket, api_key=api_key,
                                            request_timeout_s=timeout_s, group_timeout_s=min(timeout_s, 600.0),
                                            group_record=None if log_path is None else
-                                           Path(log_path).parent / "weight_update_group.json")
+                                           Path(log_path).parent / "weight_update_group.json",
+                                           released_record=None if log_path is None or transport != "tensor" else
+                                           released_engines_record(Path(log_path).parent))
 
     def close(self) -> None:
         if self.transfer is not None:
