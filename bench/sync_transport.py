@@ -8,8 +8,8 @@ the same named tensors with each transport ``--repeats`` times (after one warm-u
 which for ``distributed`` also forms the group). Reported per transport: bytes, buckets, the
 median wall seconds of an update (``seconds_total``: pause, transfer, resume and the version
 check) and its transfer part, and the in-memory / gloo ratio, all from one run. Prints one JSON
-object. The defaults: ``tiny`` (the tests' model, ~0.1M parameters) and ``100m`` (hidden 768, 14
-layers, ~99M parameters, ~0.4 GB in float32).
+object. The defaults: ``tiny`` (the tests' model, 0.11M parameters) and ``100m`` (hidden 768, 14
+layers, 88M parameters, 0.35 GB in float32).
 
     python bench/sync_transport.py
     python bench/sync_transport.py --sizes tiny --repeats 5 --bucket-mb 64
