@@ -252,6 +252,16 @@ class Servers:
     def pids(self) -> dict[str, int]:
         return _server_pids(self.log.read_text())
 
+    def stop(self) -> None:
+        """SIGTERM to the script (it stops its servers), then SIGKILL to whatever is left."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _kill_groups([self.proc.pid])
+        _kill_groups(self.pids.values())
+
 
 @pytest.fixture(scope="module")
 def servers(assets, tmp_path_factory):
@@ -261,13 +271,7 @@ def servers(assets, tmp_path_factory):
         handle.urls = handle.wait_ready(timeout=300)
         yield handle
     finally:
-        if handle.proc.poll() is None:
-            os.killpg(handle.proc.pid, signal.SIGTERM)
-            try:
-                handle.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill_groups([handle.proc.pid])
-        _kill_groups(handle.pids.values())
+        handle.stop()
 
 
 def test_servers_come_up_and_write_servers_env(servers, assets):
@@ -343,13 +347,7 @@ def test_colocated_servers_and_train_sh_take_turns_on_the_devices(assets, tmp_pa
                               env=_script_env(SERVERS_ENV=str(handle.out_dir / "servers.env")))
         assert proc.returncode == 0, proc.stderr[-5000:]
     finally:
-        if handle.proc.poll() is None:
-            os.killpg(handle.proc.pid, signal.SIGTERM)
-            try:
-                handle.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill_groups([handle.proc.pid])
-        _kill_groups(handle.pids.values())
+        handle.stop()
     _trained_against(run_dir, urls)
     assert "placement: colocated" in (run_dir / "config.yaml").read_text()
     metrics = read_metrics(run_dir)[1]
