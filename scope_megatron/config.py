@@ -688,6 +688,8 @@ def _check_teachers(c: Config) -> None:
     """Each teacher has servers or an embedded model; routes name teachers that exist, and every
     extra teacher is routed to."""
     t = c.teacher
+    _require(DEFAULT_TEACHER not in t.others, f"teacher.others.{DEFAULT_TEACHER}",
+             f"{DEFAULT_TEACHER!r} is the teacher the teacher section itself describes; name the others differently")
     for name, server in t.servers().items():
         prefix = t.field_prefix(name)
         if name != DEFAULT_TEACHER:  # it names the engine's log file and the metrics teacher/NAME/*
@@ -700,8 +702,6 @@ def _check_teachers(c: Config) -> None:
                      f"{len(server.urls)} teacher workers need a router URL")
         _require(server.max_concurrency >= 1, f"{prefix}.max_concurrency", "must be >= 1")
         _require(server.embedded_max_batch_size >= 1, f"{prefix}.embedded_max_batch_size", "must be >= 1")
-    _require(DEFAULT_TEACHER not in t.others, f"teacher.others.{DEFAULT_TEACHER}",
-             f"{DEFAULT_TEACHER!r} is the teacher the teacher section itself describes; name the others differently")
     known = (DEFAULT_TEACHER, *t.others)
     for source, name in t.routes.items():
         _require(name in known, f"teacher.routes.{source}", f"names no teacher: {name!r} is not one of "

@@ -142,8 +142,9 @@ def make_loss_fn(objective: ObjectiveConfig, plan: BatchPlan, *, vocab_size: int
     """The per-micro-batch loss for :func:`~scope_megatron.megatron_step.train_step`.
 
     ``old_logprobs``: the step's lp_old (from :func:`old_logprobs` on the same micro-batches, in
-    the same order); None (or one without per-micro-batch values) uses the current log-probs detached (rho = 1, and the only choice for
-    ``supervised`` runs, which have no old policy). ``supervised`` also drops the teacher's and
+    the same order); None, or one without per-micro-batch values (:func:`rollout_means_only`), uses
+    the current log-probs detached (rho = 1, and the only choice for ``supervised`` runs, which
+    have no old policy). ``supervised`` also drops the teacher's and
     the rollout engine's log-probs (MLE on given text). ``use_topk`` computes the sampled-token
     log-probs and the top-k KL against the teacher's top-k rows in one pass over the logits.
     ``ref_logprobs``: the initial policy's log-probs in the same layout (GRPO's KL term).

@@ -146,7 +146,6 @@ class RolloutController:
         from ..rollout.client import SGLangClient
 
         self.student_url = student_url
-        self.teacher_url = teacher_url
         self.teacher_urls = {DEFAULT_TEACHER: teacher_url, **{n: u for n, (u, _) in (other_teachers or {}).items()}}
         self.routes = dict(routes or {})
         self.group_size = group_size
@@ -163,10 +162,14 @@ class RolloutController:
         common = dict(api_key=api_key, timeout_s=request_timeout_s, max_retries=max_retries,
                       backoff_initial_s=retry_backoff_s, retry_on_timeout=False)
         self.student = SGLangClient(student_url, max_concurrency=max_concurrency, **common)
-        self.teacher = SGLangClient(teacher_url, max_concurrency=teacher_max_concurrency, **common)  # the default
-        self.teachers = {DEFAULT_TEACHER: self.teacher}
+        self.teachers = {DEFAULT_TEACHER: SGLangClient(teacher_url, max_concurrency=teacher_max_concurrency, **common)}
         for name, (url, concurrency) in (other_teachers or {}).items():
             self.teachers[name] = SGLangClient(url, max_concurrency=concurrency, **common)
+
+    @property
+    def teacher(self) -> Any:
+        """The default teacher's client."""
+        return self.teachers[DEFAULT_TEACHER]
 
     def teacher_of(self, record: Any) -> str:
         """The name of the teacher that scores ``record``'s responses (by its data source)."""
