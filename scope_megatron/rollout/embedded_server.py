@@ -28,7 +28,6 @@ import asyncio
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,9 +40,9 @@ from fastapi import FastAPI
 
 from .engine import EmbeddedEngine, EngineConfig, EngineFatal
 from .protocol import ProtocolError
-from .readiness import wait_until_healthy
 from .server.auth import AuthMiddleware
 from .server.routes import ServerState, engine_fatal_handler, protocol_error_handler, router
+from .server_process import ServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +193,12 @@ def main(argv: list[str]) -> int:
 
 @dataclass
 class EmbeddedServerHandle:
-    """A running embedded server: ``url``, ``engine`` (thread mode) and ``stop()``."""
+    """A running embedded server: ``url``, ``engine`` (thread mode) or ``process`` (subprocess
+    mode), and ``stop()``."""
 
     url: str
     engine: EmbeddedEngine | None = None
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
+    process: ServerProcess | None = None
     _server: Any = None
     _thread: threading.Thread | None = None
     _stopped: bool = field(default=False)
@@ -210,12 +209,7 @@ class EmbeddedServerHandle:
             return
         self._stopped = True
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
+            self.process.stop(grace_s=timeout)
             return
         if self.engine is not None:
             self.engine.begin_shutdown()  # held and queued requests end, so connections close
@@ -285,7 +279,7 @@ def start_embedded_server_process(model_dir: str | Path, port: int, host: str = 
                                   extra_args: list[str] | None = None, log_path: str | Path | None = None,
                                   ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> EmbeddedServerHandle:
     """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait until
-    it serves (:func:`~.readiness.wait_until_healthy`: a cheap probe, then one ``/health``).
+    it serves (:meth:`~.server_process.ServerProcess.wait_healthy`).
 
     The child does not inherit torchrun's rank environment (:data:`TORCHRUN_ENV_KEYS`,
     ``TORCHELASTIC_*``): an engine started by a trainer rank is no member of the trainer's world.
@@ -297,20 +291,15 @@ def start_embedded_server_process(model_dir: str | Path, port: int, host: str = 
     # spinning OpenMP threads starve the server's own threads on small CPU boxes
     child_env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     child_env.update(env or {})
-    log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
-                            start_new_session=True)
-    if log_path:
-        log_file.close()
     url = f"http://{host}:{port}"
-    handle = EmbeddedServerHandle(url=url, process=proc, log_path=Path(log_path) if log_path else None)
-
-    def check_alive() -> None:
-        if proc.poll() is not None:
-            tail = Path(log_path).read_text(errors="replace")[-2000:] if log_path else ""
-            raise RuntimeError(f"embedded server exited with code {proc.returncode} before becoming ready\n{tail}")
-
-    if not wait_until_healthy(url, ready_timeout, check_alive):
+    proc = ServerProcess.spawn(f"embedded server :{port}", cmd, url, env=child_env, log_path=log_path)
+    handle = EmbeddedServerHandle(url=url, process=proc)
+    try:
+        healthy = proc.wait_healthy(ready_timeout, request_timeout_s=10.0)
+    except BaseException:
+        handle.stop()
+        raise
+    if not healthy:
         handle.stop()
         raise RuntimeError(f"embedded server at {url} not healthy within {ready_timeout:.0f} s")
     return handle

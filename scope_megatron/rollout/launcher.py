@@ -29,17 +29,15 @@ import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..parallel import free_port
-from .readiness import wait_until_healthy
+from .server_process import ServerProcess, stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +134,6 @@ def router_command_for(spec: ServerGroupSpec, worker_urls: Sequence[str], host: 
 
 
 @dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    url: str
-    health_path: str = "/health"
-
-
-@dataclass
 class RolloutServers:
     """Launch, wait for, and stop the servers of several roles. Use as a context manager."""
 
@@ -155,20 +144,12 @@ class RolloutServers:
     ready_timeout_s: float = 1800.0
     api_key: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    _procs: list[_Proc] = field(default_factory=list, init=False)
+    _procs: list[ServerProcess] = field(default_factory=list, init=False)
     endpoints: dict[str, Endpoints] = field(default_factory=dict, init=False)
 
-    def _spawn(self, name: str, cmd: list[str], url: str, env: dict[str, str], health_path: str = "/health") -> _Proc:
-        log_dir = Path(self.run_dir) / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{name}.log"
-        with log_path.open("ab") as log:
-            log.write(f"$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env, **env},
-                                     start_new_session=True)
-        logger.info("started %s (pid %d) at %s; log %s", name, popen.pid, url, log_path)
-        proc = _Proc(name, popen, log_path, url, health_path)
+    def _spawn(self, name: str, cmd: list[str], url: str, env: dict[str, str]) -> ServerProcess:
+        proc = ServerProcess.spawn(name, cmd, url, env={**os.environ, **self.env, **env},
+                                   log_path=Path(self.run_dir) / "logs" / f"{name}.log")
         self._procs.append(proc)
         return proc
 
@@ -176,7 +157,7 @@ class RolloutServers:
         """Start every group, wait until all servers are healthy, return endpoints per role."""
         atexit.register(self.stop)
         try:
-            pending: list[_Proc] = []
+            pending: list[ServerProcess] = []
             routers: list[tuple[ServerGroupSpec, list[str]]] = []
             for spec in self.groups:
                 workers = []
@@ -211,30 +192,18 @@ class RolloutServers:
             self.stop()
             raise
 
-    def _wait_healthy(self, procs: list[_Proc]) -> None:
-        """Wait for all ``procs`` at once (:func:`~.readiness.wait_until_healthy` in a thread each);
-        the first one that exits fails the wait."""
+    def _wait_healthy(self, procs: list[ServerProcess]) -> None:
+        """Wait for all ``procs`` at once (one thread each); the first one that exits fails the wait."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         given_up = threading.Event()
 
-        def wait_for(proc: _Proc) -> bool:
-            def check_alive() -> None:
-                if given_up.is_set():
-                    raise RuntimeError("another server failed")
-                code = proc.popen.poll()
-                if code is not None:
-                    tail = proc.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{proc.name} exited with code {code} before becoming healthy; "
-                                       f"log {proc.log_path}:\n{tail}")
-
-            healthy = wait_until_healthy(proc.url, self.ready_timeout_s, check_alive, proc.health_path, headers,
-                                         request_timeout_s=5.0)
-            if healthy:
-                logger.info("%s is healthy", proc.name)
-            return healthy
+        def give_up() -> None:
+            if given_up.is_set():
+                raise RuntimeError("another server failed")
 
         pool = ThreadPoolExecutor(max_workers=max(len(procs), 1), thread_name_prefix="wait-healthy")
-        futures = {pool.submit(wait_for, proc): proc for proc in procs}
+        futures = {pool.submit(proc.wait_healthy, self.ready_timeout_s, headers=headers, give_up=give_up): proc
+                   for proc in procs}
         try:
             waiting = [futures[f] for f in as_completed(futures) if not f.result()]
         except BaseException:
@@ -248,29 +217,13 @@ class RolloutServers:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Terminate every started process group (SIGTERM, then SIGKILL after ``grace_s``)."""
-        for proc in reversed(self._procs):
-            if proc.popen.poll() is None:
-                try:
-                    os.killpg(proc.popen.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for proc in reversed(self._procs):
-            try:
-                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not exit after SIGTERM; killing it", proc.name)
-                try:
-                    os.killpg(proc.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.popen.wait(timeout=10)
+        stop_all(reversed(self._procs), grace_s)
         self._procs.clear()
 
     @property
     def pids(self) -> dict[str, int]:
         """Process ids by server name."""
-        return {p.name: p.popen.pid for p in self._procs}
+        return {p.name: p.pid for p in self._procs}
 
     def __enter__(self) -> dict[str, Endpoints]:
         return self.start()

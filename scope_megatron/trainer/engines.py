@@ -124,7 +124,7 @@ class EmbeddedEngines:
             self._pool = None
         handles = list(self.handles.values())
         for handle in handles:  # signal all first, so they exit concurrently
-            if handle.process is not None and handle.process.poll() is None:
+            if handle.process is not None:
                 handle.process.terminate()
         for handle in handles:
             try:
