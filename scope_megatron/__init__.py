@@ -34,7 +34,8 @@ Rollouts and evaluation
   ``rollout.engine`` (scheduler, sampling, weights) behind ``rollout.server`` (the HTTP routes),
   run by ``rollout.embedded_server``; ``rollout.batch_transport`` sends a step's batch to every
   rank as flat tensors, ``rollout.tensor_transport`` pushes weights in memory to colocated engines,
-  ``rollout.readiness`` waits for a server to answer.
+  ``rollout.readiness`` waits for a server to answer, ``rollout.server_process`` spawns and stops
+  every server process (SGLang, its router, the embedded engine).
 - ``evaluation``: ``scope-megatron eval``, Avg@k / Pass@k on the math benchmarks.
 
 Support
