@@ -169,10 +169,13 @@ def current_layout() -> Layout:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron's groups and the default process group (end of a job or test)."""
-    from megatron.core import parallel_state as ps
+    """Tear down megatron's groups and the default process group (end of a job or test).
+    A process that never imported megatron-core has no groups of it to tear down, and is not made
+    to import it (seconds) on its way out."""
+    import sys
 
-    if ps.model_parallel_is_initialized():
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -65,6 +65,12 @@ def _worker(rank: int, world: int, hf_dir: str, root: str) -> dict:
 
     plain = ck.CheckpointManager(Path(root) / "plain", fully_parallel=False)
     plain.save(2, **common)
+    # a synchronous save passes megatron's write results in this process: no Manager process
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    sync_save_spawned = [p.name for p in multiprocessing.active_children()]
+    sync_save_left_queue = filesystem_async._results_queue is not None
     # the fully-parallel save is left out: megatron-core 0.19 can give its "common_state" object
     # to a rank whose copy is None (a load then fails; seen once in four runs, see docs/training.md)
     asynchronous = ck.CheckpointManager(Path(root) / "async", fully_parallel=False, async_save=True)
@@ -75,6 +81,8 @@ def _worker(rank: int, world: int, hf_dir: str, root: str) -> dict:
     after_next_step = _state(model, opt)
     asynchronous.close()
     listed_after_close = [s for s, _ in ck.list_checkpoints(Path(root) / "async")]
+    plain.save(3, **common)  # a synchronous save after an asynchronous one (megatron's queue now exists)
+    plain_listed = [s for s, _ in ck.list_checkpoints(Path(root) / "plain")]
 
     loaded = {}
     for name, fully_parallel in (("plain", True), ("async", True), ("async_plain_load", False)):
@@ -85,7 +93,9 @@ def _worker(rank: int, world: int, hf_dir: str, root: str) -> dict:
         loaded[name] = _state(model_b, opt_b)
     changed = any(not torch.equal(after_next_step[k], v) for k, v in live.items())
     return {"live": live, "loaded": loaded, "pending": pending, "listed_while_pending": listed_while_pending,
-            "listed_after_close": listed_after_close, "changed_by_next_step": changed}
+            "listed_after_close": listed_after_close, "changed_by_next_step": changed,
+            "sync_save_spawned": sync_save_spawned, "sync_save_left_queue": sync_save_left_queue,
+            "plain_listed": plain_listed}
 
 
 def test_fully_parallel_and_async_saves_load_the_saved_state(tmp_path):
@@ -98,6 +108,8 @@ def test_fully_parallel_and_async_saves_load_the_saved_state(tmp_path):
         assert out["listed_while_pending"] == []  # not published before finalisation
         assert out["listed_after_close"] == [2]
         assert out["changed_by_next_step"]  # the later step did move the live state
+        assert out["sync_save_spawned"] == [] and not out["sync_save_left_queue"]
+        assert out["plain_listed"] == [2, 3]
         for name, state in out["loaded"].items():
             assert sorted(state) == sorted(out["live"]), (rank, name)
             for key, value in out["live"].items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -149,6 +150,29 @@ def export_hf_dir(model: torch.nn.Module, arch: ModelArch, out_dir: str | Path, 
     return files
 
 
+@contextlib.contextmanager
+def in_process_write_results() -> Iterator[None]:
+    """Run a synchronous ``dist_checkpointing.save`` with its write results passed in this process.
+
+    megatron's torch_dist writer hands its results to the caller through a queue built for an
+    asynchronous writer process: a ``multiprocessing`` Manager started with ``spawn``, created on
+    the first save (dist_checkpointing/strategies/filesystem_async.py ``get_write_results_queue``).
+    A synchronous save writes and reads that queue in the calling process, yet pays for the
+    Manager's interpreter, which imports torch to unpickle the first results: ~2.7 s on a 2-core
+    CPU, on every rank. A plain ``queue.Queue`` carries the same objects. Once an asynchronous
+    save has made the real queue, it is left in place."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        yield
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
+
+
 def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Save this rank's model chunk into ``ckpt_dir/model`` (a collective over all ranks)."""
     from megatron.core import dist_checkpointing
@@ -157,7 +181,8 @@ def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     if _rank() == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(model_dir))
+    with in_process_write_results():
+        dist_checkpointing.save(model.sharded_state_dict(), str(model_dir))
 
 
 class CheckpointMismatchError(ValueError):

@@ -32,6 +32,7 @@ them to this optimizer instance only, and only when megatron uses torch's Adam.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -248,8 +249,10 @@ def _save_sharded(sharded_state_dict: dict[str, Any], out: Path, fully_parallel:
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier()
-    return dist_checkpointing.save(sharded_state_dict, str(out), sharded_strategy=save_strategy(fully_parallel),
-                                   async_sharded_save=async_save, async_strategy="mcore")
+    writes = contextlib.nullcontext() if async_save else model_ckpt.in_process_write_results()
+    with writes:
+        return dist_checkpointing.save(sharded_state_dict, str(out), sharded_strategy=save_strategy(fully_parallel),
+                                       async_sharded_save=async_save, async_strategy="mcore")
 
 
 def save_optimizer(model: torch.nn.Module, optimizer: Any, ckpt_dir: Path, *, fully_parallel: bool = False,

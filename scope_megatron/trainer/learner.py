@@ -25,6 +25,14 @@ class UpdateResult:
     failure: str | None      # why an update was skipped (NaN/inf loss or gradients); later ones are not tried
 
 
+def student_is_hf_directory(student: str | Path) -> bool:
+    """True when ``model.student`` is an HF directory (config.json), not a converted checkpoint."""
+    from ..model import checkpoint as model_ckpt
+
+    student = Path(student)
+    return not (student / model_ckpt.META_FILE).is_file() and (student / "config.json").is_file()
+
+
 class Learner:
     """Model, DDP, optimizer and scheduler of this rank, built from ``model.student`` (a
     converted checkpoint or an HF directory), with the objective's two adapters."""

@@ -45,7 +45,7 @@ from .batching import StepData, build_step_data
 from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
 from .colocation import Colocation
 from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config, teacher_role
-from .learner import Learner
+from .learner import Learner, student_is_hf_directory
 from .metrics import MetricsLogger
 from .rollout_source import RolloutSource
 from .state import STOP_FILE, RunState, StopRequest, TrainingAborted
@@ -94,6 +94,7 @@ class Trainer:
     colocation: Colocation | None         # placement: colocated
     engine_version: int                   # the weight version the student engines serve
     last_saved_step: int
+    student_engine_from_hf: bool          # the embedded student engine loads model.student itself
     # rank 0
     engines: EmbeddedEngines | None
     services: RolloutServices | None
@@ -115,6 +116,7 @@ class Trainer:
         self.tokenizer = None
         self.engine_version = 0
         self.last_saved_step = -1
+        self.student_engine_from_hf = False
 
     @property
     def step(self) -> int:
@@ -130,32 +132,39 @@ class Trainer:
         check_world(cfg, dist.get_world_size())
         check_embedded_devices(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0,
                                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.is_controller = dist.get_rank() == 0
+        self.stop.is_controller = self.is_controller
+        self.run_dir = Path(cfg.run_dir)
+        self.dtype = resolve_dtype(cfg.model.dtype)  # auto: bf16 on CUDA, fp32 on CPU
+        engine_dtype = str(self.dtype).removeprefix("torch.")
+        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+        # a fresh run from an HF directory: the embedded student engine reads the very weights the
+        # trainer loads, so it starts now instead of from an export of them
+        self.student_engine_from_hf = (cfg.uses_engines and cfg.embedded_student and resume is None
+                                       and student_is_hf_directory(cfg.model.student))
+        if self.is_controller:  # embedded engines load while megatron-core is imported and the student built
+            self.engines = EmbeddedEngines(self.run_dir / "engines")
+            teachers = cfg.teacher.servers().items() if cfg.uses_engines else ()
+            for name, server in teachers:
+                if not server.urls:
+                    role = teacher_role(name)
+                    self.engines.launch(role, embedded_engine_config(cfg, role, server.model, engine_dtype, "default"))
+            if self.student_engine_from_hf:
+                self.engines.launch("student", embedded_engine_config(cfg, "student", cfg.model.student,
+                                                                      engine_dtype, "0"))
         self.layout = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.seed, cp=cfg.parallel.cp,
                                     timeout_minutes=cfg.parallel.distributed_timeout_minutes)
-        self.is_controller = self.layout.rank == 0
-        self.stop.is_controller = self.is_controller
         self.device = local_device()
         # rank 0 may spend many minutes generating while the others wait: a gloo group with a long timeout
         self.control_group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
-        self.run_dir = Path(cfg.run_dir)
         if self.is_controller:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.stop.remove_stale_file()
         dist.barrier(group=self.control_group)
-        self.dtype = resolve_dtype(cfg.model.dtype)  # auto: bf16 on CUDA, fp32 on CPU
-        engine_dtype = str(self.dtype).removeprefix("torch.")
-        if self.is_controller:
-            self.engines = EmbeddedEngines(self.run_dir / "engines")
-            teachers = cfg.teacher.servers().items() if cfg.uses_engines else ()
-            for name, server in teachers:
-                if not server.urls:  # embedded: loads while the student is built
-                    role = teacher_role(name)
-                    self.engines.launch(role, embedded_engine_config(cfg, role, server.model, engine_dtype, "default"))
         self.learner = Learner(cfg, self.dtype, self.device)
         if self.is_controller and not cfg.data.replay:  # a replay's prompts come with its rollouts
             self._load_data()
-        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if resume is not None:
             self.state.load_state_dict(load_checkpoint(resume, **self.learner.checkpoint_parts(),
                                                        fully_parallel=cfg.checkpoint.fully_parallel))
@@ -216,12 +225,15 @@ class Trainer:
 
         cfg, s = self.cfg, self.cfg.sync
         student_init = self.run_dir / "engines" / "student_hf"
-        if cfg.embedded_student:  # the engine starts from the trainer's weights (a resumed run's included)
+        # unless it started in setup, the engine starts from the trainer's weights (a resumed run's,
+        # or those of a converted checkpoint)
+        exported = cfg.embedded_student and not self.student_engine_from_hf
+        if exported:
             self.learner.export_hf(student_init)
         probe: list[Probe | None] = [None]
         master_address = s.master_address
         if self.is_controller:
-            if cfg.embedded_student:
+            if exported:
                 self.engines.launch("student", embedded_engine_config(cfg, "student", student_init, engine_dtype,
                                                                       str(self.state.step)))
             if cfg.placement == "colocated" and not cfg.embedded_student:
