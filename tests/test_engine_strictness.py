@@ -378,10 +378,10 @@ def test_sigterm_stops_a_paused_server_with_session_group_and_broadcast_in_fligh
     receiving.start()  # nothing is ever broadcast: the engine waits in the receive
     time.sleep(1.5)
     t0 = time.monotonic()
-    proc.process.send_signal(signal.SIGTERM)
+    proc.process.popen.send_signal(signal.SIGTERM)
     try:
-        proc.process.wait(timeout=15)
+        proc.process.popen.wait(timeout=15)
     except Exception:
-        proc.process.kill()
+        proc.process.popen.kill()
         raise
     assert time.monotonic() - t0 < 5.0

@@ -203,6 +203,11 @@ class EmbeddedServerHandle:
     _thread: threading.Thread | None = None
     _stopped: bool = field(default=False)
 
+    @property
+    def log_path(self) -> Path | None:
+        """The subprocess's log (None in thread mode or without one)."""
+        return self.process.log_path if self.process is not None else None
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server (idempotent): uvicorn shutdown + engine shutdown, or terminate the process."""
         if self._stopped:
