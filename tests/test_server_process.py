@@ -70,3 +70,30 @@ def test_stop_kills_the_whole_group_when_sigterm_is_ignored(tmp_path):
         assert time.monotonic() < deadline, "the server's child outlived the stop"
         time.sleep(0.05)
     stop_all(procs)  # stopping again is harmless
+
+
+def test_embedded_server_binds_its_own_port_and_reports_it(tmp_path):
+    """port=0: the server binds a free port itself (no window in which another process can take a
+    port picked for it) and the handle's URL is the one it listens on."""
+    import httpx
+
+    from scope_megatron.examples.tiny_models import save_tiny_hf_model
+    from scope_megatron.rollout.embedded_server import start_embedded_server_process
+
+    model = save_tiny_hf_model(tmp_path / "m", seed=3)
+    from concurrent.futures import ThreadPoolExecutor
+
+    handles = []
+    try:
+        with ThreadPoolExecutor(2) as pool:  # started together, as the trainer starts its engines
+            for handle in pool.map(lambda i: start_embedded_server_process(model, log_path=tmp_path / f"engine{i}.log"),
+                                   range(2)):
+                handles.append(handle)
+        urls = [h.url for h in handles]
+        assert len(set(urls)) == 2 and all(":0" not in u.rsplit("/", 1)[-1] for u in urls)
+        for i, h in enumerate(handles):
+            assert f"listening on {h.url}" in (tmp_path / f"engine{i}.log").read_text()
+            assert httpx.get(h.url + "/model_info", timeout=10).status_code == 200
+    finally:
+        for h in handles:
+            h.stop()

@@ -270,7 +270,6 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings, *, seed:
     from ..rollout.client import SGLangClient
     from ..rollout.embedded_server import start_embedded_server_process
     from ..rollout.rewards import MathRewardPool
-    from ..parallel import free_port
 
     results = out / "results.json"
     if results.is_file():
@@ -279,7 +278,7 @@ def evaluate_model(model: Path, test: Path, out: Path, s: DemoSettings, *, seed:
     n = s.eval_n if n is None else n
     limit = s.eval_problems if limit == -1 else limit
     out.mkdir(parents=True, exist_ok=True)
-    handle = start_embedded_server_process(model, free_port(), extra_args=[
+    handle = start_embedded_server_process(model, extra_args=[
         "--dtype", "float32", "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
         "--enable-deterministic-inference"],  # the eval's sampling_seed is honoured only so
         log_path=out / "engine.log", ready_timeout=300)

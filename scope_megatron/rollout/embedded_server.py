@@ -27,8 +27,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +89,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF model directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port (0 picks a free one and prints it)")
+    p.add_argument("--port-file", default=None,
+                   help="write the bound port to this file once listening (with --port 0: no port race)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--admin-api-key", default=None, help="key required by control endpoints")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
@@ -166,6 +170,10 @@ def main(argv: list[str]) -> int:
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"scope-megatron serve: listening on http://{host}:{port}", flush=True)
+    if args.port_file:  # whole or absent for a reader polling for it
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(args.port_file)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -280,33 +288,54 @@ def start_embedded_server(model_dir: str | Path, port: int = 0, host: str = "127
     return handle
 
 
-def start_embedded_server_process(model_dir: str | Path, port: int, host: str = "127.0.0.1",
+def start_embedded_server_process(model_dir: str | Path, port: int = 0, host: str = "127.0.0.1",
                                   extra_args: list[str] | None = None, log_path: str | Path | None = None,
                                   ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> EmbeddedServerHandle:
     """Start ``python -m scope_megatron.rollout.embedded_server`` as a subprocess and wait until
     it serves (:meth:`~.server_process.ServerProcess.wait_healthy`).
+
+    ``port=0`` (the default) lets the server bind a free port itself and report it through a
+    port file: a port picked here and bound seconds later, after the model has loaded, may be
+    taken meanwhile by another process of a busy machine.
 
     The child does not inherit torchrun's rank environment (:data:`TORCHRUN_ENV_KEYS`,
     ``TORCHELASTIC_*``): an engine started by a trainer rank is no member of the trainer's world.
     ``env`` entries are added after that."""
     cmd = [sys.executable, "-m", "scope_megatron.rollout.embedded_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), *(extra_args or [])]
+    port_dir = None
+    if port == 0:
+        port_dir = tempfile.mkdtemp(prefix="scope-serve-")
+        port_file = Path(port_dir) / "port"
+        cmd += ["--port-file", str(port_file)]
     child_env = {k: v for k, v in os.environ.items()
                  if k not in TORCHRUN_ENV_KEYS and not k.startswith(TORCHRUN_ENV_PREFIXES)}
     # spinning OpenMP threads starve the server's own threads on small CPU boxes
     child_env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     child_env.update(env or {})
-    url = f"http://{host}:{port}"
-    proc = ServerProcess.spawn(f"embedded server :{port}", cmd, url, env=child_env, log_path=log_path)
-    handle = EmbeddedServerHandle(url=url, process=proc)
+    url_host = f"[{host}]" if ":" in host else host
+    proc = ServerProcess.spawn(f"embedded server {model_dir}", cmd, f"http://{url_host}:{port}", env=child_env,
+                               log_path=log_path)
+    handle = EmbeddedServerHandle(url=proc.url, process=proc)
     try:
-        healthy = proc.wait_healthy(ready_timeout, request_timeout_s=10.0)
+        deadline = time.monotonic() + ready_timeout
+        if port_dir is not None:
+            while not port_file.is_file():
+                proc.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{proc.name} did not listen within {ready_timeout:.0f} s")
+                time.sleep(0.05)
+            proc.url = handle.url = f"http://{url_host}:{int(port_file.read_text())}"
+        healthy = proc.wait_healthy(max(1.0, deadline - time.monotonic()), request_timeout_s=10.0)
     except BaseException:
         handle.stop()
         raise
+    finally:
+        if port_dir is not None:
+            shutil.rmtree(port_dir, ignore_errors=True)
     if not healthy:
         handle.stop()
-        raise RuntimeError(f"embedded server at {url} not healthy within {ready_timeout:.0f} s")
+        raise RuntimeError(f"embedded server at {handle.url} not healthy within {ready_timeout:.0f} s")
     return handle
 
 if __name__ == "__main__":

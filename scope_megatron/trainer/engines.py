@@ -78,14 +78,12 @@ class EmbeddedEngines:
 
     def launch(self, role: str, config: EngineConfig) -> None:
         """Start the ``role`` engine in a background thread; :meth:`wait` returns its handle."""
-        from ..parallel import free_port
         from ..rollout.embedded_server import start_embedded_server_process
 
         self.engines_dir.mkdir(parents=True, exist_ok=True)
 
         def start() -> Any:
-            handle = start_embedded_server_process(config.model_path, free_port(),
-                                                   extra_args=engine_server_args(config),
+            handle = start_embedded_server_process(config.model_path, extra_args=engine_server_args(config),
                                                    log_path=self.engines_dir / f"{role}.log",
                                                    ready_timeout=ENGINE_READY_TIMEOUT_S)
             (self.engines_dir / f"{role}.pid").write_text(str(handle.process.pid))
