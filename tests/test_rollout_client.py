@@ -300,3 +300,39 @@ def test_input_token_ids_clipped_by_the_server_are_accepted():
                 with pytest.raises(SGLangResponseError, match=r"input_token_logprobs\[1\] is for token 0"):
                     await client.score([1, 2], [99])
         run(go())
+
+
+def test_small_pools_keep_every_request_concurrent():
+    """The client splits max_concurrency over pools of CONNECTIONS_PER_POOL connections (httpcore's
+    per-request bookkeeping grows with a pool's connections); all max_concurrency requests must still
+    be in flight at once: the server answers none until every one of them has arrived."""
+    from scope_megatron.rollout.client import CONNECTIONS_PER_POOL
+
+    concurrency = 3 * CONNECTIONS_PER_POOL + 5  # pools of unequal share
+    app = FastAPI()
+    arrived: list[asyncio.Event] = []
+    state = {"n": 0, "peers": set()}
+
+    @app.post("/wait")
+    async def wait(request: Request):
+        if not arrived:
+            arrived.append(asyncio.Event())
+        state["n"] += 1
+        state["peers"].add(request.client.port)  # one client port per connection
+        if state["n"] == concurrency:
+            arrived[0].set()
+        try:
+            await asyncio.wait_for(arrived[0].wait(), timeout=20)
+        except asyncio.TimeoutError:
+            return JSONResponse({"error": f"only {state['n']} arrived"}, status_code=400)
+        return {"ok": True}
+
+    async def go(url):
+        async with SGLangClient(url, max_concurrency=concurrency, max_retries=0) as client:
+            await asyncio.gather(*(client.request("POST", "/wait", json={}) for _ in range(concurrency)))
+            return len(client._pools), max(pool._transport._pool._max_connections for pool in client._pools)
+
+    with FakeServer(app) as server:
+        num_pools, largest = run(go(server.url))
+    assert state["n"] == concurrency and len(state["peers"]) == concurrency
+    assert num_pools == 4 and largest <= CONNECTIONS_PER_POOL
