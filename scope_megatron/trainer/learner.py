@@ -25,12 +25,17 @@ class UpdateResult:
     failure: str | None      # why an update was skipped (NaN/inf loss or gradients); later ones are not tried
 
 
-def student_is_hf_directory(student: str | Path) -> bool:
-    """True when ``model.student`` is an HF directory (config.json), not a converted checkpoint."""
+def student_format(student: str | Path) -> str | None:
+    """What ``model.student`` is: ``"checkpoint"`` (a converted one, scope_megatron.json), ``"hf"``
+    (an HF directory, config.json), or None (neither)."""
     from ..model import checkpoint as model_ckpt
 
     student = Path(student)
-    return not (student / model_ckpt.META_FILE).is_file() and (student / "config.json").is_file()
+    if (student / model_ckpt.META_FILE).is_file():
+        return "checkpoint"
+    if (student / "config.json").is_file():
+        return "hf"
+    return None
 
 
 class Learner:
@@ -48,11 +53,12 @@ class Learner:
         self.supervised = cfg.supervised
         self.updates_per_batch = cfg.algorithm.updates_per_batch
         student = Path(cfg.model.student)
-        if (student / model_ckpt.META_FILE).is_file():
+        source = student_format(student)
+        if source == "checkpoint":
             self.arch, _ = model_ckpt.read_meta(student)
             self.hf_side_dir = student / model_ckpt.HF_SUBDIR  # tokenizer and HF config beside the weights
             from_hf = False
-        elif (student / "config.json").is_file():
+        elif source == "hf":
             self.arch = arch_from_hf_config(load_hf_config(student))
             self.hf_side_dir = student
             from_hf = True

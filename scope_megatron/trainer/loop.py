@@ -45,7 +45,7 @@ from .batching import StepData, build_step_data
 from .checkpointing import CheckpointManager, load_checkpoint, resolve_resume
 from .colocation import Colocation
 from .engines import EmbeddedEngines, RolloutServices, embedded_engine_config, teacher_role
-from .learner import Learner, student_is_hf_directory
+from .learner import Learner, student_format
 from .metrics import MetricsLogger
 from .rollout_source import RolloutSource
 from .state import STOP_FILE, RunState, StopRequest, TrainingAborted
@@ -141,7 +141,7 @@ class Trainer:
         # a fresh run from an HF directory: the embedded student engine reads the very weights the
         # trainer loads, so it starts now instead of from an export of them
         self.student_engine_from_hf = (cfg.uses_engines and cfg.embedded_student and resume is None
-                                       and student_is_hf_directory(cfg.model.student))
+                                       and student_format(cfg.model.student) == "hf")
         if self.is_controller:  # embedded engines load while megatron-core is imported and the student built
             self.engines = EmbeddedEngines(self.run_dir / "engines")
             teachers = cfg.teacher.servers().items() if cfg.uses_engines else ()
