@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from scope_megatron.rollout.client import (SGLangClient, SGLangConnectionError, SGLangHTTPError, SGLangResponseError,
-                                           SGLangTimeoutError, SGLangUpdateError)
+                                           SGLangTimeoutError, SGLangUpdateError, shared_tls_context)
 from scope_megatron.rollout.embedded_server import start_embedded_server, start_embedded_server_process
 from scope_megatron.rollout.protocol import SamplingParams
 from scope_megatron.examples.tiny_models import save_tiny_hf_model
@@ -272,6 +272,35 @@ def test_control_calls_use_a_fresh_connection_each():
     ports = [port for _, port, _ in control]
     assert len(set(ports)) == len(ports) and info[0][1] not in ports
     assert all(conn == "close" for _, _, conn in control)
+
+
+def test_clients_share_one_tls_context(monkeypatch):
+    """Every pool and every one-shot control connection verifies with one TLS context built once
+    per process: httpx would otherwise load the CA bundle for each client it makes (~22 ms of
+    CPU), and the trainer makes clients per control call and per sync check."""
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def anything(path: str):
+        return {"success": True, "message": "Success", "weight_version": "1"}
+
+    import ssl
+
+    shared_tls_context()  # built before the count starts
+    built: list[int] = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(1) or real(*a, **k))
+    with FakeServer(app) as fake:
+        async def go():
+            for _ in range(3):
+                async with SGLangClient(fake.url, max_concurrency=64) as client:  # 4 pools
+                    await client.model_info()
+                    await client.pause_generation()  # a one-shot connection
+                    await client.continue_generation()
+                    assert len(client._pools) == 4
+                    assert all(pool._transport._pool._ssl_context is shared_tls_context() for pool in client._pools)
+        run(go())
+    assert built == []
 
 
 def test_input_token_ids_clipped_by_the_server_are_accepted():

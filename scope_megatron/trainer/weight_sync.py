@@ -274,7 +274,8 @@ class WeightSync:
         sampling = SamplingParams(max_new_tokens=len(self.probe.response_ids), temperature=0.0, ignore_eos=True)
 
         async def generate():
-            async with SGLangClient(url, api_key=self.api_key, timeout_s=self.timeout_s) as client:
+            async with SGLangClient(url, api_key=self.api_key, timeout_s=self.timeout_s,
+                                    max_concurrency=1) as client:
                 return await client.generate(self.probe.prompt_ids, sampling, return_logprob=False)
 
         loop = BackgroundLoop("verify-sync-generate")
@@ -308,7 +309,8 @@ class WeightSync:
             try:
                 for url in self.engine_urls:
                     async def score(u: str = url):
-                        async with SGLangClient(u, api_key=self.api_key, timeout_s=self.timeout_s) as client:
+                        async with SGLangClient(u, api_key=self.api_key, timeout_s=self.timeout_s,
+                                                max_concurrency=1) as client:
                             return await client.score(probe.prompt_ids, probe.response_ids)
                     try:
                         theirs = loop.run(score()).token_logprobs
