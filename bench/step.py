@@ -4,6 +4,8 @@
     python bench/step.py --nproc 2 --tp 2         # torchrun, TP=2
     python bench/step.py --hidden 1024 --layers 8 --new-tokens 256 --prompts 8 --group 8   # bigger (GPU)
     python bench/step.py --max-staleness 0 1 --threads 1   # serial vs overlapped rollouts, one run each
+    python bench/step.py --max-staleness 0 1 --threads 1 --steps 10 --hidden 256 --layers 4 \
+        --new-tokens 64 --prompts 4 --group 4              # the same with generation ~ training (docs/training.md)
 
 Builds random tiny HF models (student and teacher of the same family and size) and toy prompts,
 runs ``scope_megatron.train`` as a user would (embedded engines; on GPU they use the GPU), reads
