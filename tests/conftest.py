@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny HF models of each family, converted once per test session with the real tool."""
+"""Shared fixtures: tiny HF models of each family, converted once per test session with the real tool;
+the tiny student, teacher and prompts of ``configs/tiny_cpu.yaml``, written once per session."""
 
 from __future__ import annotations
 
@@ -59,3 +60,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def _tiny_asset_paths(tmp_path_factory) -> dict[str, Path]:
+    from scope_megatron.examples.tiny import prepare
+
+    return prepare(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def assets(_tiny_asset_paths) -> dict[str, Path]:
+    """{"student", "teacher", "prompts"}: the tiny HF student and teacher and the toy prompts
+    (shared by the session: read them, never write into them); a module may add keys to its copy."""
+    return dict(_tiny_asset_paths)

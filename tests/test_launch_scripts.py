@@ -88,12 +88,6 @@ def _tail(path: Path, n: int = 5000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else f"({path} missing)"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 # ---- GPU split and torchrun arguments (DRY_RUN, no training) ----------------------------------------
 

@@ -36,12 +36,6 @@ EXACT = ("loss/total", "loss/mle", "loss/kl", "train/grad_norm", "reward/accurac
          "objective/ppl/student_mean", "objective/ppl/teacher_mean", "train/loss_tokens", "tis/mean_weight")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):

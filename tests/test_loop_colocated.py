@@ -29,12 +29,6 @@ SAME = ("loss/total", "loss/mle", "loss/kl", "train/grad_norm", "reward/accuracy
         "objective/ppl/student_mean", "train/loss_tokens")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):

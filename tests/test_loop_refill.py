@@ -51,12 +51,6 @@ def _overrides(assets, run_dir, prompts, *extra) -> list[str]:
             "logging.save_rollouts=true", "checkpoint.keep_last=0", *extra]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 def test_refill_reaches_the_batch_size(assets, tmp_path):
     kinds = ["uniform", "mixed"] * 6  # 12 prompts, half without signal

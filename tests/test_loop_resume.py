@@ -28,12 +28,6 @@ EXACT = ("loss/total", "loss/mle", "loss/kl", "train/grad_norm", "train/lr", "re
          "train/loss_tokens")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 def test_resume_continues_exactly(assets, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"

@@ -28,12 +28,6 @@ COMMON = ("steps=3", "checkpoint.every=0", "checkpoint.keep_last=0", "rollout.ma
           "rollout.embedded_max_batch_size=1", "teacher.embedded_max_batch_size=1")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 class _Run:
     """A training process whose stderr is read line by line; ``on_line(text)`` may act on a line."""

@@ -30,12 +30,6 @@ from tests.loop_utils import REPO, asset_overrides, loop_env, read_metrics, run_
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from scope_megatron.examples.tiny import prepare
-
-    return prepare(tmp_path_factory.mktemp("tiny"))
-
 
 @pytest.fixture(scope="module")
 def servers(assets, tmp_path_factory):
