@@ -48,6 +48,7 @@ def runs(assets, tmp_path_factory):
     for name, p in procs.items():
         _, err = p.communicate(timeout=480)
         assert p.returncode == 0, f"{name}: rc={p.returncode}\n{err[-4000:]}"
+        (specs[name][0] / "stderr.log").write_text(err)
     return {name: run_dir for name, (run_dir, _) in specs.items()}
 
 
@@ -81,6 +82,16 @@ def test_every_later_batch_is_exactly_one_version_behind(runs):
         if step < 3:  # a next batch generated during the step
             assert m["overlap/generation_s"] > 0 and 0 <= m["overlap/fraction"] <= 1 + 1e-9
             assert m["overlap/concurrent_s"] <= min(m["overlap/generation_s"], m["overlap/training_s"]) + 1e-6
+    # the log line of each step says the same (two decimals), and the serial run's says nothing of it
+    lines = {int(line.split("step ")[1].split()[0]): line for line in (run_dir / "stderr.log").read_text().splitlines()
+             if "trainer.metrics: step " in line}
+    for step in (1, 2):
+        m = metrics[step]
+        idle = m["overlap/trainer_wait_s"] + m["time/rollout_wait"]
+        assert (f"| overlap {m['overlap/fraction']:.2f} (generating {m['overlap/generation_s']:.2f}s, "
+                f"training {m['overlap/training_s']:.2f}s; idle: trainer {idle:.2f}s, "
+                f"engines {m['overlap/engine_idle_s']:.2f}s)") in lines[step], lines[step]
+    assert "| overlap" not in (runs["serial"] / "stderr.log").read_text()
     # the checkpoint of step 1 holds batch 2 (generated ahead); the last one holds nothing ahead
     ckpts = dict(list_checkpoints(run_dir / "checkpoints"))
     state1 = torch.load(ckpts[1] / TRAINER_STATE, weights_only=False)

@@ -52,8 +52,8 @@ def source_with(max_staleness: int, engine_version: int, tmp_path) -> tuple[Roll
                        f"run_dir={tmp_path}"])
     controller = RecordingController(engine_version)
     state = RunState(sampler=PromptSampler(20, seed=0))
-    source = RolloutSource(cfg, state=state, stop=StopRequest(tmp_path, is_controller=True), control_group=None, is_controller=True,
-                           dataset=list(range(20)), controller=controller)
+    source = RolloutSource(cfg, state=state, stop=StopRequest(tmp_path, is_controller=True), control_group=None,
+                           is_controller=True, dataset=list(range(20)), controller=controller)
     return source, controller
 
 

@@ -144,6 +144,17 @@ def log_to_run(run_dir: str | Path, logging_cfg: Any, *, images: dict[str, str |
         out.close()
 
 
+def _overlap_part(m: dict[str, float]) -> str:
+    """Asynchronous rollouts: how much of the step the two sides overlapped and how long each
+    waited (the trainer for rollouts, the engines for a batch to generate); "" in a serial step."""
+    if "overlap/fraction" not in m:
+        return ""
+    trainer_idle = m.get("overlap/trainer_wait_s", 0.0) + m.get("time/rollout_wait", 0.0)
+    return (f" | overlap {m['overlap/fraction']:.2f} (generating {m.get('overlap/generation_s', 0.0):.2f}s, "
+            f"training {m.get('overlap/training_s', 0.0):.2f}s; idle: trainer {trainer_idle:.2f}s, "
+            f"engines {m.get('overlap/engine_idle_s', 0.0):.2f}s)")
+
+
 def format_line(step: int, m: dict[str, float]) -> str:
     """One readable line per step."""
     def g(key: str, fmt: str = ".4g") -> str:
@@ -157,4 +168,5 @@ def format_line(step: int, m: dict[str, float]) -> str:
             f"time {g('time/step', '.2f')}s (gen {g('time/generate', '.2f')}, teacher tail {g('time/teacher_tail', '.2f')}, "
             f"old-lp {g('time/old_logprobs', '.2f')}, train {g('time/train', '.2f')}, sync {g('time/sync', '.2f')}) | "
             f"{g('perf/tokens_per_s', '.1f')} tok/s mfu {g('perf/mfu', '.3f')}"
+            + _overlap_part(m)
             + "".join(f" | {k} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("eval/mean/avg@")))
