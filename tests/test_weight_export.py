@@ -1,6 +1,8 @@
 """Weight export to global rank 0 (hf_io.export_hf_tensors_to_rank0): rank 0's stream is
 bit-identical to the HF weights the model was loaded from, in HF order, at TP x PP x DP layouts;
-only the first data-parallel replica communicates, and only rank 0 receives."""
+only the first data-parallel replica communicates, and only rank 0 receives. Every replica
+exporting to its own root at once (hf_io.export_hf_tensors_to_replica_root) gives each root the
+same stream."""
 
 from __future__ import annotations
 
@@ -65,6 +67,14 @@ def _worker(rank: int, world: int, cases: dict) -> dict:
                 out[key] = {"streamed": len(streamed), "dp_rank": ps.get_data_parallel_rank(),
                             "received": [c for c in calls if c in RECEIVING and c != "all_gather"],
                             "all_gathers": calls.count("all_gather"), "calls": len(calls)}
+            if ps.get_data_parallel_world_size() > 1:  # every replica exports to its own root at once
+                mine = ps.get_data_parallel_rank(with_context_parallel=True)
+                own = [(n, t.clone()) for n, t in hf_io.export_hf_tensors_to_replica_root(model, arch, replica=mine)]
+                weights = load_file(str(Path(hf_dir) / "model.safetensors"))
+                out[key]["own_replica"] = {
+                    "replica": mine, "root": ps.get_tensor_model_parallel_rank() == 0
+                    and ps.get_pipeline_model_parallel_rank() == 0, "names": [n for n, _ in own],
+                    "mismatch": [n for n, t in own if t.dtype != weights[n].dtype or not torch.equal(t, weights[n])]}
     return out
 
 
@@ -94,6 +104,23 @@ def test_only_the_first_replica_communicates_and_only_rank0_receives(export_resu
                 assert got["calls"] == 0, (rank, key)
             else:  # the one small coordinate exchange of the replica, then sends only
                 assert got["all_gathers"] == 1, (rank, key)
+
+
+def test_every_replica_exports_to_its_own_root_at_once(export_results):
+    """Colocated engines on several nodes: each node's replica feeds its own engine."""
+    for key in export_results[0]:
+        if "own_replica" not in export_results[0][key]:
+            continue  # DP 1
+        reference = export_results[0][key]["reference_order"]
+        roots = {}
+        for rank, results in enumerate(export_results):
+            got = results[key]["own_replica"]
+            if got["root"]:
+                roots[got["replica"]] = rank
+                assert got["names"] == reference and got["mismatch"] == [], (rank, key)
+            else:
+                assert got["names"] == [], (rank, key)
+        assert sorted(roots) == [0, 1] and roots[0] == 0 and roots[1] != 0, (key, roots)
 
 
 def _overlap_worker(rank: int, world: int, hf_dir: str) -> dict:

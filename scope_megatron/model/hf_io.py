@@ -7,9 +7,10 @@
 - :func:`export_hf_tensors` yields ``(hf_name, full tensor)`` for the whole model on every rank,
   gathering TP shards (all-gather) and PP stages (broadcast) one parameter at a time; the
   vocabulary padding is stripped. Conversion writes these.
-- :func:`export_hf_tensors_to_rank0` yields the same stream on global rank 0 only, each shard
-  moving once: only the first data-parallel replica takes part, and every TP rank of every
-  pipeline stage sends its own shards point to point to rank 0. Weight sync sends these.
+- :func:`export_hf_tensors_to_replica_root` yields the same stream on the root rank of one
+  data-parallel replica only, each shard moving once: only that replica takes part, and every TP
+  rank of every pipeline stage sends its own shards point to point to the root. Weight sync sends
+  these (:func:`export_hf_tensors_to_rank0`: the first replica, rooted at global rank 0).
 - :class:`SafetensorsShardWriter` writes them as HF does (shards + index past a size limit).
 """
 
@@ -198,43 +199,55 @@ def _replica_coordinates(device: torch.device) -> dict[tuple[int, int], int]:
     return {(int(c[0]), int(c[1])): ranks[i] for i, c in enumerate(everyone)}
 
 
-@torch.no_grad()
 def export_hf_tensors_to_rank0(model: torch.nn.Module, arch: ModelArch,
                                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on global rank 0 only.
+    """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on global rank 0 only:
+    :func:`export_hf_tensors_to_replica_root` of the first data-parallel replica, whose root must
+    be global rank 0 (megatron's default rank order puts it there)."""
+    return export_hf_tensors_to_replica_root(model, arch, replica=0, dtype=dtype)
 
-    A collective over the first data-parallel (and context-parallel) replica: every rank calls it
-    and consumes the generator to the end; on every rank but 0 it yields nothing. Ranks of the
-    other replicas hold copies of the same parameters and return at once without communicating.
-    In the first replica, for each parameter in HF order, each TP rank of the stage that owns it
-    sends its shard (cast to ``dtype``) to rank 0 (``dist.send``; a replicated tensor, such as a
-    norm, only from TP rank 0), and rank 0 merges the shards as :func:`export_hf_tensors` does.
-    Every shard crosses the network once; no stage receives another stage's tensors.
 
-    Rank 0 must be the replica's TP rank 0 of pipeline stage 0 (megatron's rank order puts it
-    there). Memory on rank 0: the TP shards of one parameter and their merge.
+@torch.no_grad()
+def export_hf_tensors_to_replica_root(model: torch.nn.Module, arch: ModelArch, replica: int = 0,
+                                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the model, full and unpadded, in ``dtype``, on the root (TP rank 0
+    of pipeline stage 0) of data-parallel replica ``replica`` only.
+
+    ``replica`` is a data-parallel rank counted with context parallelism
+    (``get_data_parallel_rank(with_context_parallel=True)``). A collective over that replica:
+    every rank calls it and consumes the generator to the end; on every rank but the root it
+    yields nothing. Ranks of the other replicas hold copies of the same parameters and return at
+    once without communicating. In the replica, for each parameter in HF order, each TP rank of
+    the stage that owns it sends its shard (cast to ``dtype``) to the root (``dist.send``; a
+    replicated tensor, such as a norm, only from TP rank 0), and the root merges the shards as
+    :func:`export_hf_tensors` does. Every shard crosses the network once; no stage receives
+    another stage's tensors. Several replicas may export at once (colocated engines on several
+    nodes, each fed by the replica on its node): their ranks are disjoint.
+
+    Memory on the root: the TP shards of one parameter and their merge.
     """
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) != replica:
         return
     rank = dist.get_rank()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    if rank == 0 and (tp_rank, pp_rank) != (0, 0):
-        raise RuntimeError(f"global rank 0 is TP rank {tp_rank} of pipeline stage {pp_rank}, expected TP rank 0 of "
-                           "stage 0 (megatron's default rank order)")
     local_params = {name: param for name, (_, param) in _exported_params(model, arch).items()}
     device = next(model.parameters()).device
     out_dtype = dtype or model.config.params_dtype
     coordinates = _replica_coordinates(device)
-    if rank != 0:
+    root = coordinates[(0, 0)]
+    if replica == 0 and root != 0:
+        raise RuntimeError(f"global rank 0 is not TP rank 0 of pipeline stage 0 of the first replica (rank {root} "
+                           "is), as megatron's default rank order puts it")
+    if rank != root:
         for pm in param_maps(arch):
             if _owner_stage(pm, arch, pp) == pp_rank and (pm.kind != "replicated" or tp_rank == 0):
-                dist.send(local_params[pm.megatron_name].detach().to(out_dtype).contiguous(), dst=0)
+                dist.send(local_params[pm.megatron_name].detach().to(out_dtype).contiguous(), dst=root)
         return
     hf_shapes = expected_hf_shapes(arch)
-    # every stage pads the vocabulary alike: rank 0's embedding shard gives the padded size
+    # every stage pads the vocabulary alike: the root's embedding shard gives the padded size
     padded_vocab = local_params["embedding.word_embeddings.weight"].shape[0] * tp
     for pm in param_maps(arch):
         owner = _owner_stage(pm, arch, pp)
