@@ -111,6 +111,7 @@ class RolloutConfig:
     # with seeded: refuse student servers without --enable-deterministic-inference (false: warn only)
     require_deterministic: bool = True
     student_urls: list = field(default_factory=list)  # worker URLs; empty: embedded engine
+    # generation goes through the router when set; else prompt group i to worker i mod N
     student_router_url: Optional[str] = None
     api_key: Optional[str] = None
     max_concurrency: int = 256
@@ -583,9 +584,6 @@ def validate(c: Config) -> None:
     _require(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")
     _require(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
     _require(r.embedded_max_batch_size >= 1, "rollout.embedded_max_batch_size", "must be >= 1")
-    if len(r.student_urls) > 1:
-        _require(r.student_router_url is not None, "rollout.student_router_url",
-                 f"{len(r.student_urls)} student workers need a router URL for generation")
     _check_teachers(c)
     a = c.algorithm
     _require(a.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
@@ -745,6 +743,36 @@ def check_world(c: Config, world_size: int) -> None:
     mp = p.tp * p.pp * p.cp
     _require(world_size % mp == 0, "parallel", f"world size {world_size} is not divisible by tp*pp*cp = "
                                                f"{p.tp}*{p.pp}*{p.cp}")
+
+
+def check_colocated_nodes(c: Config, world_size: int, local_world_size: int) -> None:
+    """``placement: colocated`` on several nodes (``world_size / local_world_size`` of them): one
+    student server per node, each fed in memory by the model replica on its node.
+
+    Each node's engine gets its tensors from its own node (CUDA IPC and shared memory do not cross
+    machines), exported by the data-parallel replica whose ranks are all on that node: with
+    megatron's rank order (TP fastest, then CP, then DP, pipeline stages outermost) that holds
+    when the pipeline has one stage and TP x CP divides the ranks per node."""
+    if c.placement != "colocated" or local_world_size < 1 or world_size <= local_world_size:
+        return
+    _require(world_size % local_world_size == 0, "placement",
+             f"{world_size} ranks do not split into nodes of {local_world_size} (LOCAL_WORLD_SIZE)")
+    nodes = world_size // local_world_size
+    r, p = c.rollout, c.parallel
+    _require(not c.embedded_student, "rollout.student_urls",
+             f"placement=colocated on {nodes} nodes needs one student server per node, on that node's training "
+             "GPUs (launch/slurm/scope.sbatch with COLOCATE=1 starts them): the trainer starts an embedded "
+             "engine on its first node only")
+    _require(len(r.student_urls) == nodes, "rollout.student_urls",
+             f"placement=colocated on {nodes} nodes needs one student server per node, in node order "
+             f"(node k's server receives node k's weights in memory); got {len(r.student_urls)}")
+    _require(p.pp == 1, "parallel.pp",
+             f"placement=colocated on {nodes} nodes feeds each node's engine from the model replica on that "
+             "node, but pipeline stages sit on different nodes in megatron's rank order: use parallel.pp=1 "
+             "(TP within the node), or placement=separate")
+    _require(local_world_size % (p.tp * p.cp) == 0, "parallel.tp",
+             f"placement=colocated on {nodes} nodes needs whole model replicas on each node: tp*cp = "
+             f"{p.tp}*{p.cp} must divide the {local_world_size} ranks per node")
 
 
 def _check_master_address(value: str) -> None:

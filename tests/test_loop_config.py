@@ -36,7 +36,6 @@ def test_tiny_config_and_overrides():
     ("checkpoint.export_hf_steps=[0]", "checkpoint.export_hf_steps[0]"),
     ("model.student=", "model.student"),
     ("bogus=1", "bogus"),
-    ("rollout.student_urls=[http://a,http://b]", "rollout.student_router_url"),
     ("parallel.cp=0", "parallel.cp"),
     ("parallel.cp=2", "parallel.max_tokens_per_microbatch"),  # CP splits packed rows: it needs a budget
     ("parallel.max_tokens_per_microbatch=0", "parallel.max_tokens_per_microbatch"),

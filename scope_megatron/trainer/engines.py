@@ -181,7 +181,8 @@ class RolloutServices:
             request_timeout_s=r.request_timeout_s, max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
             reward_function=load_function(a.reward_function) if a.reward_function else None,
             teacher_topk=teacher_topk, student_vocab_size=vocab_size, routes=t.routes,
-            other_teachers={name: (teacher_urls[name], server.max_concurrency) for name, server in t.others.items()})
+            other_teachers={name: (teacher_urls[name], server.max_concurrency) for name, server in t.others.items()},
+            student_workers=() if r.student_router_url else worker_urls)
         services = cls(controller=controller, loop=loop, reward_pool=reward_pool, worker_urls=worker_urls,
                        teacher_url=teacher_url)
         try:
