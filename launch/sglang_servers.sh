@@ -32,11 +32,13 @@
 #   STUDENT_MEM_FRACTION [0.5]   with COLOCATE=1 and SGLang: --mem-fraction-static of the student
 #                      (weights + KV cache while it generates; the trainer's parameters stay on
 #                      the GPUs meanwhile, so leave them room)
+#   ROLES [student,teacher]   the servers to start: both, or only "student" / only "teacher"
+#                      (servers.env then lists that role's URLs only; launch/slurm/scope.sbatch
+#                      with COLOCATE=1 starts the teacher on its server node and one colocated
+#                      student on each training node)
 #   PYTHON [python]
 set -euo pipefail
 OUT_DIR=${1:-runs/servers}
-: "${STUDENT:?set STUDENT to the student HF directory}"
-: "${TEACHER:?set TEACHER to the teacher HF directory}"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # the variables above are read (and checked, defaults applied) by scope_megatron/rollout/launcher.py
 exec "${PYTHON:-python}" -m scope_megatron.rollout.launcher "$OUT_DIR"

@@ -44,7 +44,8 @@ SHORT = ("steps=1", "checkpoint.every=1")  # one step (weight sync, rollouts, sc
 LAUNCH_VARIABLES = ("TRAIN_GPUS", "SERVER_GPUS", "SERVERS_ENV", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
                     "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "DRY_RUN", "SHUTDOWN_TIMEOUT", "SEEDED", "OUT", "RUN_DIR",
                     "EXTRA_STUDENT_ARGS", "EXTRA_TEACHER_ARGS", "STUDENT_GPUS", "TEACHER_GPUS", "TEACHER_TP", "HOST",
-                    "SERVER_HOST", "GPUS_PER_NODE", "COLOCATE", "STUDENT_MEM_FRACTION", "PLACEMENT", "COLOCATED_GPUS")
+                    "SERVER_HOST", "GPUS_PER_NODE", "COLOCATE", "STUDENT_MEM_FRACTION", "PLACEMENT", "COLOCATED_GPUS",
+                    "ROLES")
 
 
 def _script_env(**extra: str) -> dict[str, str]:
@@ -449,3 +450,64 @@ def test_slurm_script_trains_stops_on_usr1_and_stops_the_servers(assets, tmp_pat
     assert train_call[train_call.index("-w") + 1] == "127.0.0.2"
     assert "sync.master_address=127.0.0.2" not in " ".join(train_call)  # left to the trainer (rank 0's own)
     assert f"run_dir={run_dir}" in train_call and "checkpoint.resume=latest" in train_call  # resubmit: resume
+
+
+def _slurm_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN_STANDIN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(SCONTROL_STANDIN)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.timeout(700)
+def test_slurm_colocated_layout_serves_a_student_on_every_training_node(assets, tmp_path):
+    """COLOCATE=1 on three "nodes": the first serves only the teacher; each of the two training
+    nodes runs a student server (memory saver, bound to the node's name) and one trainer rank,
+    which feeds that server in memory; the job trains, then stops every server."""
+    bin_dir = _slurm_bin(tmp_path)
+    out, srun_log, log = tmp_path / "job", tmp_path / "srun_calls.jsonl", tmp_path / "batch.out"
+    run_dir = out / "run"
+    env = _script_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SRUN_STANDIN_LOG=str(srun_log),
+                      SLURM_JOB_ID="4343", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2,127.0.0.3", OUT=str(out),
+                      STUDENT=str(assets["student"]), TEACHER=str(assets["teacher"]), ENGINE="embedded",
+                      COLOCATE="1", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+                      STUDENT_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
+    overrides = [f"model.student={assets['student']}", f"teacher.model={assets['teacher']}",
+                 f"data.paths=[{assets['prompts']}]", *SHORT]
+    with log.open("w") as sink:
+        batch = subprocess.Popen(["bash", str(SBATCH), str(TINY_CONFIG), *overrides], cwd=REPO, env=env,
+                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert batch.wait(timeout=600) == 0, _tail(log)
+    finally:
+        pids = [int(m.group(2)) for m in re.finditer(r"started (\S+) \(pid (\d+)\)", log.read_text())]
+        if batch.poll() is None:
+            _kill_groups([batch.pid])
+        _kill_groups(pids)
+    text = log.read_text()
+    names = re.findall(r"started (\S+) \(pid \d+\)", text)
+    assert sorted(names) == ["student-0", "student-0", "teacher-0"], names
+    assert _wait_gone(pids, timeout=30) == [], "a server outlived the job"
+    for node in ("127.0.0.2", "127.0.0.3"):
+        first_line = (out / f"servers-{node}" / "logs" / "student-0.log").read_text().splitlines()[0]
+        assert "--enable-memory-saver" in first_line and f"--host {node}" in first_line, first_line
+        assert not (out / f"servers-{node}" / "servers.env").exists()
+    assert not (out / "servers" / "logs" / "student-0.log").exists()  # the server node: the teacher only
+    assert sorted(read_metrics(run_dir)) == [1]
+    assert "placement: colocated" in (run_dir / "config.yaml").read_text()
+    assert text.count("in memory on 2 nodes") == 2, _tail(log)  # the start and step 1
+    probes = [json.loads(line) for line in (run_dir / "sync_probe.jsonl").read_text().splitlines()]
+    assert {p["engine"].split("//")[1].split(":")[0] for p in probes} == {"127.0.0.2", "127.0.0.3"}
+    assert all(p["mean_abs_diff"] <= p["tolerance"] for p in probes), probes
+    calls = [json.loads(line) for line in srun_log.read_text().splitlines()]
+    assert len(calls) == 3 and all("--kill-on-bad-exit=1" in c for c in calls), calls
+    # the two server steps start in the background together: their order in the log is the race's
+    (teacher_call,) = [c for c in calls if "ROLES=teacher" in c]
+    (student_call,) = [c for c in calls if "ROLES=student" in " ".join(c)]
+    (train_call,) = [c for c in calls if "launch/train_multinode.sh" in " ".join(c)]
+    assert teacher_call[teacher_call.index("-w") + 1] == "127.0.0.1"
+    assert student_call[student_call.index("-w") + 1] == "127.0.0.2,127.0.0.3" and "--overlap" in student_call
+    assert train_call[train_call.index("-w") + 1] == "127.0.0.2,127.0.0.3" and "--overlap" in train_call

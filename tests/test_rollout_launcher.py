@@ -9,9 +9,9 @@ import os
 import httpx
 import pytest
 
-from scope_megatron.rollout.launcher import (RolloutServers, ServerGroupSpec, ServersEnvError, external_endpoints,
-                                             router_command, router_command_for, server_command,
-                                             server_groups_from_env)
+from scope_megatron.rollout.launcher import (Endpoints, RolloutServers, ServerGroupSpec, ServersEnvError,
+                                             external_endpoints, router_command, router_command_for, server_command,
+                                             server_groups_from_env, servers_env_lines)
 from scope_megatron.examples.tiny_models import save_tiny_hf_model
 from tests import sglang_parsers
 
@@ -129,6 +129,18 @@ def test_server_groups_from_env_defaults_and_errors():
                                         "--disable-radix-cache"]
     embedded, _ = server_groups_from_env({"STUDENT": "/s", "TEACHER": "/t", "COLOCATE": "1", "ENGINE": "embedded"})
     assert list(embedded.extra_args) == ["--enable-memory-saver"]  # no --mem-fraction-static: not its flag
+    # one role only (the Slurm script's colocated layout): the other's model and GPUs do not matter
+    (teacher,) = server_groups_from_env({"TEACHER": "/t", "ROLES": "teacher", "TEACHER_GPUS": "0,1"})
+    assert (teacher.role, teacher.num_replicas) == ("teacher", 2)
+    (student,) = server_groups_from_env({"STUDENT": "/s", "ROLES": "student", "COLOCATE": "1", "STUDENT_GPUS": "0,1"})
+    assert (student.role, student.tp_size) == ("student", 2)
+    for env, message in [({"ROLES": "student,critic"}, "ROLES='student,critic'"), ({"ROLES": ""}, "ROLES=''"),
+                         ({"ROLES": "teacher", "TEACHER": ""}, "set TEACHER")]:
+        with pytest.raises(ServersEnvError, match=message):
+            server_groups_from_env({"STUDENT": "/s", "TEACHER": "/t", **env})
+    only_teacher = servers_env_lines({"teacher": Endpoints("teacher", "http://t:1", ["http://t:1"])}, [teacher])
+    assert [line.split("=")[0] for line in only_teacher][:2] == ["TEACHER_URLS", "TEACHER_ROUTER"]
+    assert not any(line.startswith("STUDENT_") for line in only_teacher)
 
 
 # ---- the argv against SGLang's own parsers --------------------------------------------------------

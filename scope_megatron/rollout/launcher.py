@@ -249,7 +249,11 @@ SERVERS_ENV_DEFAULTS: dict[str, str] = {
     # (placement: colocated), with the memory saver and STUDENT_MEM_FRACTION of each GPU for its
     # weights and KV cache (SGLang's --mem-fraction-static)
     "COLOCATE": "0", "STUDENT_MEM_FRACTION": "0.5",
+    # which servers to start: both, or one role (launch/slurm/scope.sbatch with COLOCATE=1 runs the
+    # teacher on its own node and one colocated student server on each training node)
+    "ROLES": "student,teacher",
 }
+ROLES = ("student", "teacher")
 
 
 def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int:
@@ -276,14 +280,18 @@ def _env_gpus(env: Mapping[str, str], name: str) -> list[int]:
 
 def server_groups_from_env(env: Mapping[str, str]) -> list[ServerGroupSpec]:
     """The student and teacher groups ``launch/sglang_servers.sh`` starts, from its variables
-    (``SERVERS_ENV_DEFAULTS`` for those unset; ``STUDENT`` and ``TEACHER`` are required)."""
-    for name in ("STUDENT", "TEACHER"):
+    (``SERVERS_ENV_DEFAULTS`` for those unset; ``STUDENT`` and ``TEACHER`` are required for the
+    roles in ``ROLES``), in that order."""
+    get = lambda name: env.get(name, SERVERS_ENV_DEFAULTS[name])  # noqa: E731
+    roles = [r.strip() for r in get("ROLES").split(",") if r.strip()]
+    if not roles or len(set(roles)) != len(roles) or not set(roles) <= set(ROLES):
+        raise ServersEnvError(f"ROLES={get('ROLES')!r} must name student, teacher or both (comma-separated)")
+    for name in (r.upper() for r in ROLES if r in roles):
         if not env.get(name):
             raise ServersEnvError(f"set {name} to the {name.lower()} HF directory")
-    get = lambda name: env.get(name, SERVERS_ENV_DEFAULTS[name])  # noqa: E731
     student_gpus, teacher_gpus = _env_gpus(env, "STUDENT_GPUS"), _env_gpus(env, "TEACHER_GPUS")
     teacher_tp = _env_int(env, "TEACHER_TP", 1)
-    if set(student_gpus) & set(teacher_gpus):
+    if len(roles) == 2 and set(student_gpus) & set(teacher_gpus):
         raise ServersEnvError(f"STUDENT_GPUS={get('STUDENT_GPUS')} and TEACHER_GPUS={get('TEACHER_GPUS')} overlap")
     if len(teacher_gpus) % teacher_tp:
         raise ServersEnvError(f"TEACHER_GPUS={get('TEACHER_GPUS')}: {len(teacher_gpus)} GPUs are not replicas of "
@@ -315,16 +323,17 @@ def server_groups_from_env(env: Mapping[str, str]) -> list[ServerGroupSpec]:
                 raise ServersEnvError(f"STUDENT_MEM_FRACTION={fraction!r} must be a fraction in (0, 1)")
             colocated += ["--mem-fraction-static", fraction]
         student_args = colocated + student_args
-    return [
-        ServerGroupSpec(role="student", model_path=env["STUDENT"], num_replicas=replicas, tp_size=student_tp,
+    groups = [
+        ServerGroupSpec(role="student", model_path=env.get("STUDENT", ""), num_replicas=replicas, tp_size=student_tp,
                         gpu_ids=student_gpus, base_port=_env_int(env, "STUDENT_PORT", 1), engine=engine,
                         deterministic=get("SEEDED") == "1", extra_args=student_args,
                         router_health_check_timeout_s=_env_int(env, "ROUTER_HEALTH_TIMEOUT_S", 1),
                         router_health_failure_threshold=_env_int(env, "ROUTER_HEALTH_FAILURES", 1)),
-        ServerGroupSpec(role="teacher", model_path=env["TEACHER"], num_replicas=len(teacher_gpus) // teacher_tp,
+        ServerGroupSpec(role="teacher", model_path=env.get("TEACHER", ""), num_replicas=len(teacher_gpus) // teacher_tp,
                         tp_size=teacher_tp, gpu_ids=teacher_gpus, base_port=_env_int(env, "TEACHER_PORT", 1),
                         engine=engine, extra_args=shlex.split(get("EXTRA_TEACHER_ARGS"))),
     ]
+    return [g for g in groups if g.role in roles]
 
 
 def servers_env_lines(endpoints: Mapping[str, Endpoints], groups: Sequence[ServerGroupSpec],
@@ -335,10 +344,10 @@ def servers_env_lines(endpoints: Mapping[str, Endpoints], groups: Sequence[Serve
     not counted in ``SERVER_GPUS``."""
     held = [g for spec in groups if not (colocated and spec.role == "student") for g in (spec.gpu_ids or ())]
     shared = [g for spec in groups if colocated and spec.role == "student" for g in (spec.gpu_ids or ())]
-    return [f"STUDENT_URLS=[{','.join(endpoints['student'].worker_urls)}]",
-            f"STUDENT_ROUTER={endpoints['student'].url}",
-            f"TEACHER_URLS=[{','.join(endpoints['teacher'].worker_urls)}]",
-            f"TEACHER_ROUTER={endpoints['teacher'].url}",
+    urls = [line for role in ROLES if role in endpoints
+            for line in (f"{role.upper()}_URLS=[{','.join(endpoints[role].worker_urls)}]",
+                         f"{role.upper()}_ROUTER={endpoints[role].url}")]
+    return [*urls,
             f"SERVER_GPUS={','.join(str(g) for g in held)}",
             f"SERVER_HOSTNAME={socket.gethostname()}",
             f"PLACEMENT={'colocated' if colocated else 'separate'}",

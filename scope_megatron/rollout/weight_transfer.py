@@ -223,7 +223,8 @@ class WeightTransfer:
                  flattened_bucket: bool = False, api_key: str | None = None, tp_sizes: Sequence[int] | None = None,
                  request_timeout_s: float = 1800.0, group_timeout_s: float = 600.0,
                  verify_version: bool = True, group_record: str | Path | None = None,
-                 recovery_timeout_s: float = 60.0, released_record: str | Path | None = None):
+                 recovery_timeout_s: float = 60.0, released_record: str | Path | None = None,
+                 tensor_urls: Sequence[str] | None = None):
         if transport not in ("distributed", "disk", "tensor"):
             raise ValueError(f"transport must be 'distributed', 'disk' or 'tensor', got {transport!r}")
         if transport == "disk" and disk_dir is None:
@@ -231,6 +232,12 @@ class WeightTransfer:
         if not engine_urls:
             raise ValueError("engine_urls is empty")
         self.engine_urls = [u.rstrip("/") for u in engine_urls]
+        # transport "tensor": the engines on this process's node, which it hands tensors to (default:
+        # all); the others get theirs from a process on their own node (colocated across nodes)
+        self.tensor_urls = self.engine_urls if tensor_urls is None else [u.rstrip("/") for u in tensor_urls]
+        unknown = sorted(set(self.tensor_urls) - set(self.engine_urls))
+        if unknown:
+            raise ValueError(f"tensor_urls {unknown} are not among engine_urls {self.engine_urls}")
         self.transport = transport
         self.bucket_bytes = int(bucket_bytes)
         self.master_address = master_address
@@ -453,7 +460,7 @@ class WeightTransfer:
         opened = [False] * len(self._clients)
         failed = True
         try:
-            self._raise_first(self._each("pause_generation", self.pause_mode), "pause_generation")
+            self.pause()
             if self.transport == "distributed":
                 results = self._each("begin_weight_update")
                 opened = [not isinstance(r, BaseException) for r in results]
@@ -462,22 +469,40 @@ class WeightTransfer:
             if self.transport == "distributed":
                 self._send_distributed(named_tensors, version, stats)
             elif self.transport == "tensor":
-                self._send_tensor(named_tensors, version, stats)
+                self.send_tensors(named_tensors, version, stats)
             else:
                 self._send_disk(named_tensors, version, stats)
             stats.seconds_transfer = time.monotonic() - transfer_start
             failed = False
         finally:
             self._finish(opened, raise_errors=not failed)
-        if self.verify_version:
-            got = self._all("weight_version")
-            wrong = [(u, v) for u, v in zip(self.engine_urls, got) if v != version]
-            if wrong:
-                raise SGLangError(f"after the update, engines report other weight versions than {version!r}: {wrong}")
+        self.check_versions(version)
         stats.seconds_total = time.monotonic() - start
         logger.info("weight update %s: %d tensors, %.1f MiB in %d buckets, %.2f s (%s)", version, stats.num_tensors,
                     stats.num_bytes / 2**20, stats.num_buckets, stats.seconds_total, self.transport)
         return stats
+
+    def pause(self) -> None:
+        """``pause_generation`` on every engine (the first step of an update)."""
+        self._raise_first(self._each("pause_generation", self.pause_mode), "pause_generation")
+
+    def continue_generation(self, raise_errors: bool = True) -> None:
+        """``continue_generation`` on every engine (the last step of an update; sessions, which
+        only the distributed transport opens here, are not ended)."""
+        self._finish([False] * len(self._clients), raise_errors=raise_errors)
+
+    def check_versions(self, version: str) -> None:
+        """With ``verify_version``: every engine must report ``version`` (after an update)."""
+        if not self.verify_version:
+            return
+        got = self._all("weight_version")
+        wrong = [(u, v) for u, v in zip(self.engine_urls, got) if v != version]
+        if wrong:
+            raise SGLangError(f"after the update, engines report other weight versions than {version!r}: {wrong}")
+
+    def engine_tp_sizes(self) -> list[int]:
+        """Each engine's TP size (``/server_info``), in ``engine_urls`` order."""
+        return self._engine_tp_sizes()
 
     def _tensor_senders(self) -> list[Any]:
         """One in-memory sender per (colocated) engine, made on first use."""
@@ -489,10 +514,11 @@ class WeightTransfer:
                              for url, tp in zip(self.engine_urls, self._engine_tp_sizes())]
         return self._senders
 
-    def _send_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str,
+    def send_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str,
                      stats: WeightUpdateStats) -> None:
-        """Handles to the tensors, in buckets, to every engine (its own begin/end session)."""
-        senders = self._tensor_senders()
+        """Transport "tensor", engines paused: handles to the tensors, in buckets, to every engine of
+        ``tensor_urls`` (its own begin/end session)."""
+        senders = [s for s in self._tensor_senders() if s.engine_url in self.tensor_urls]
         named = named_tensors if len(senders) == 1 else list(named_tensors)
         for sender in senders:
             sent = sender.send(named, weight_version=version)

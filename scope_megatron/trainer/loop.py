@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, check_embedded_devices, check_world
+from ..config import Config, ConfigError, check_colocated_nodes, check_embedded_devices, check_world
 from ..parallel import Layout
 from ..rollout.types import RolloutBatch
 from ..rollout.weight_transfer import resume_released_engines
@@ -130,6 +130,7 @@ class Trainer:
         cfg = self.cfg
         init_distributed(cfg.parallel.distributed_timeout_minutes)
         check_world(cfg, dist.get_world_size())
+        check_colocated_nodes(cfg, dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         check_embedded_devices(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0,
                                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.is_controller = dist.get_rank() == 0
@@ -261,7 +262,9 @@ class Trainer:
             bucket_bytes=int(s.bucket_mb * 2**20), disk_dir=s.disk_dir or (self.run_dir / "weight_sync"),
             master_address=master_address, flattened_bucket=s.flattened_bucket, timeout_s=s.timeout_s,
             verify=s.verify, tolerance=s.verify_tolerance or default_verify_tolerance(self.dtype), probe=probe[0],
-            api_key=cfg.rollout.api_key, log_path=self.run_dir / "sync_probe.jsonl", device=self.device)
+            api_key=cfg.rollout.api_key, log_path=self.run_dir / "sync_probe.jsonl", device=self.device,
+            node_engine_urls=list(cfg.rollout.student_urls) if colocated else None,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if colocated:
             self.colocation = Colocation(ddp_model=learner.ddp_model, optimizer=learner.optimizer,
                                          weight_sync=self.weight_sync, control_group=self.control_group,

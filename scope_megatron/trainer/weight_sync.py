@@ -184,7 +184,11 @@ class WeightSync:
     def __init__(self, *, model: Any, ddp_model: Any, arch: Any, control_group: Any, engine_urls: list[str] | None,
                  transport: str, bucket_bytes: int, disk_dir: str | Path, master_address: str, flattened_bucket: bool,
                  timeout_s: float, verify: bool, tolerance: float, probe: Probe | None, api_key: str | None,
-                 log_path: Path | None, device: torch.device):
+                 log_path: Path | None, device: torch.device, node_engine_urls: list[str] | None = None,
+                 local_world_size: int = 1):
+        """``node_engine_urls`` (transport "tensor", colocated on several nodes, every rank): one
+        student engine per node, in node order; node k's is fed by its own replica's root rank, the
+        first rank of the node (:meth:`_sync_nodes`)."""
         self.model = model
         self.ddp_model = ddp_model
         self.arch = arch
@@ -200,6 +204,8 @@ class WeightSync:
         self.timeout_s = timeout_s
         self.transfer = None
         self.is_controller = dist.get_rank() == 0
+        node_urls = [u.rstrip("/") for u in node_engine_urls or []]
+        self.across_nodes = transport == "tensor" and len(node_urls) > 1
         if self.is_controller:
             from ..rollout.weight_transfer import WeightTransfer
 
@@ -210,9 +216,48 @@ class WeightSync:
                                            group_record=None if log_path is None else
                                            Path(log_path).parent / "weight_update_group.json",
                                            released_record=None if log_path is None or transport != "tensor" else
-                                           released_engines_record(Path(log_path).parent))
+                                           released_engines_record(Path(log_path).parent),
+                                           tensor_urls=node_urls[:1] if self.across_nodes else None)
+        # colocated on several nodes: which replica this rank exports with, and the node's feeder
+        self.node = 0
+        self.replica = 0
+        self.is_feeder = self.is_controller
+        self.node_sender = None  # the feeder of a node other than rank 0's: its engine's in-memory sender
+        if self.across_nodes:
+            self._plan_nodes(node_urls, local_world_size, bucket_bytes, flattened_bucket)
+
+    def _plan_nodes(self, node_urls: list[str], local_world_size: int, bucket_bytes: int,
+                    flattened_bucket: bool) -> None:
+        """Every rank: node k's engine is fed by the replica that holds rank k * local_world_size,
+        whose every rank must be on node k, rooted at that rank (config.check_colocated_nodes)."""
+        from megatron.core import parallel_state as ps
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = (ps.get_data_parallel_rank(with_context_parallel=True), ps.get_tensor_model_parallel_rank(),
+                ps.get_pipeline_model_parallel_rank())
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, mine, group=self.control_group)
+        self.node = rank // local_world_size
+        first = self.node * local_world_size
+        self.replica = everyone[first][0]
+        members = [r for r, (replica, _, _) in enumerate(everyone) if replica == self.replica]
+        if everyone[first][1:] != (0, 0) or any(r // local_world_size != self.node for r in members):
+            raise SyncError(f"node {self.node}: the model replica of rank {first} (ranks {members}) is not "
+                            f"rooted at it within the node of {local_world_size} ranks")
+        self.is_feeder = rank == first
+        box: list[Any] = [self.transfer.engine_tp_sizes() if self.is_controller else None]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        if self.is_feeder and not self.is_controller:
+            from ..rollout.tensor_transport import TensorWeightSender
+
+            self.node_sender = TensorWeightSender(node_urls[self.node], bucket_bytes=bucket_bytes,
+                                                  flattened_bucket=flattened_bucket, api_key=self.api_key,
+                                                  tp_size=box[0][self.node], timeout_s=self.timeout_s)
 
     def close(self) -> None:
+        if self.node_sender is not None:
+            self.node_sender.close()
+            self.node_sender = None
         if self.transfer is not None:
             try:
                 self.transfer.close()
@@ -232,6 +277,12 @@ class WeightSync:
 
         result = SyncResult()
         start = time.monotonic()
+        if self.across_nodes:
+            self._sync_nodes(step, result)
+            result.seconds = time.monotonic() - start
+            if self.verify and self.probe is not None:
+                self._verify(step, result)
+            return result
         error = None
         if self.is_controller:
             try:  # group formation (minutes on a slow join) before the export's NCCL collectives start
@@ -263,6 +314,68 @@ class WeightSync:
         if self.verify and self.probe is not None:
             self._verify(step, result)
         return result
+
+    def _sync_nodes(self, step: int, result: SyncResult) -> None:
+        """Colocated on several nodes: rank 0 pauses every engine; every node's replica exports
+        to its feeder (the node's first rank) at once, and each feeder hands its tensors to the
+        engine on its node; every rank then learns every feeder's outcome, and rank 0 continues
+        the engines. The pause and the outcomes travel outside the export, so no rank waits in a
+        collective while another waits in the export's point-to-point sends."""
+        from ..model import hf_io
+        from ..rollout.weight_transfer import WeightUpdateStats
+
+        version = str(step)
+        where = f"weight sync of step {step} to the student engines {self.engine_urls or ''}"
+        box: list[Any] = [None]
+        if self.is_controller:
+            try:
+                self.transfer.pause()
+            except Exception as exc:
+                box[0] = f"{where} failed: {type(exc).__name__}: {exc}"
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        if box[0] is not None:
+            if self.is_controller:
+                self.transfer.continue_generation(raise_errors=False)
+            logger.error("%s", box[0])
+            raise SyncError(box[0])
+        finish_param_sync(self.ddp_model)
+        stream = hf_io.export_hf_tensors_to_replica_root(self.model, self.arch, replica=self.replica)
+        failure = None
+        sent = (0, 0)  # (tensors, bytes) this feeder handed to its node's engine
+        transfer_start = time.monotonic()
+        if self.is_feeder:
+            try:
+                if self.is_controller:
+                    stats = WeightUpdateStats(weight_version=version)
+                    self.transfer.send_tensors(stream, version, stats)
+                    sent = (stats.num_tensors, stats.num_bytes)
+                else:
+                    done = self.node_sender.send(stream, weight_version=version)
+                    sent = (int(done["tensors"]), int(done["bytes"]))
+            except Exception as exc:
+                url = self.node_sender.engine_url if self.node_sender is not None else "the first node's engine"
+                failure = (f"node {self.node}: the in-memory weight update of {url} failed: "
+                           f"{type(exc).__name__}: {exc}")
+        for _ in stream:  # keep this replica's sends in step (a failed feeder drains the rest)
+            pass
+        result.seconds_transfer = time.monotonic() - transfer_start
+        outcomes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, (self.node, self.is_feeder, failure, sent), group=self.control_group)
+        error = "; ".join(f for _, _, f, _ in outcomes if f) or None
+        fed = {node: count for node, feeder, _, count in outcomes if feeder}  # node -> (tensors, bytes)
+        result.num_tensors, result.num_bytes = fed.get(0, (0, 0))
+        if self.is_controller:
+            logger.info("weight update %s in memory on %d nodes, each from its own replica: %s", version, len(fed),
+                        ", ".join(f"node {n} {t} tensors {b / 2**20:.1f} MiB" for n, (t, b) in sorted(fed.items())))
+            try:
+                self.transfer.continue_generation(raise_errors=error is None)
+                if error is None:
+                    self.transfer.check_versions(version)
+            except Exception as exc:
+                error = f"{where} failed: {type(exc).__name__}: {exc}"
+            if error is not None:
+                logger.error("%s", error)
+        self._agree(error)
 
     def _greedy_continuation(self) -> tuple[list[int] | None, str | None]:
         """Rank 0: the first student worker's greedy continuation of the probe prompt, or an error."""
