@@ -11,7 +11,7 @@ two engines (weights over the gloo broadcast group):
 - after every sync the probe check passes on both engines, and each node handed its engine the
   whole model;
 - a config that cannot feed every node (an embedded student, a server count that is not the
-  node count) exits 2 naming the field.
+  node count) is refused at startup, naming the field.
 """
 
 from __future__ import annotations

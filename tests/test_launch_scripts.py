@@ -395,8 +395,8 @@ echo "$3" | tr , '\\n'
 '''
 
 
-@pytest.mark.timeout(700)
-def test_slurm_script_trains_stops_on_usr1_and_stops_the_servers(assets, tmp_path):
+def _slurm_job(tmp_path, assets, **extra: str):
+    """Stand-ins for srun and scontrol on PATH, and the job's environment: (env, OUT, srun log, batch log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(SRUN_STANDIN.format(python=sys.executable))
@@ -404,17 +404,28 @@ def test_slurm_script_trains_stops_on_usr1_and_stops_the_servers(assets, tmp_pat
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     out, srun_log, log = tmp_path / "job", tmp_path / "srun_calls.jsonl", tmp_path / "batch.out"
-    run_dir = out / "run"
-    env = _script_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SRUN_STANDIN_LOG=str(srun_log),
-                      SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2", OUT=str(out),
+    env = _script_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SRUN_STANDIN_LOG=str(srun_log), OUT=str(out),
                       STUDENT=str(assets["student"]), TEACHER=str(assets["teacher"]), ENGINE="embedded",
-                      STUDENT_GPUS="0", TEACHER_GPUS="1", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
-                      STUDENT_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
+                      GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), STUDENT_PORT=str(free_port()),
+                      TEACHER_PORT=str(free_port()), **extra)
+    return env, out, srun_log, log
+
+
+def _submit(assets, env: dict[str, str], log) -> subprocess.Popen:
+    """``bash launch/slurm/scope.sbatch`` (as the batch step runs it) for one step of the tiny config."""
     overrides = [f"model.student={assets['student']}", f"teacher.model={assets['teacher']}",
                  f"data.paths=[{assets['prompts']}]", *SHORT]
     with log.open("w") as sink:
-        batch = subprocess.Popen(["bash", str(SBATCH), str(TINY_CONFIG), *overrides], cwd=REPO, env=env,
-                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(["bash", str(SBATCH), str(TINY_CONFIG), *overrides], cwd=REPO, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.timeout(700)
+def test_slurm_script_trains_stops_on_usr1_and_stops_the_servers(assets, tmp_path):
+    env, out, srun_log, log = _slurm_job(tmp_path, assets, SLURM_JOB_ID="4242", STUDENT_GPUS="0", TEACHER_GPUS="1",
+                                         SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2")
+    run_dir = out / "run"
+    batch = _submit(assets, env, log)
     try:
         # once training runs (the initial weight sync is checked: sync_probe.jsonl), Slurm's
         # pre-signal (#SBATCH --signal=B:USR1@...) reaches the batch script
@@ -452,34 +463,15 @@ def test_slurm_script_trains_stops_on_usr1_and_stops_the_servers(assets, tmp_pat
     assert f"run_dir={run_dir}" in train_call and "checkpoint.resume=latest" in train_call  # resubmit: resume
 
 
-def _slurm_bin(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(SRUN_STANDIN.format(python=sys.executable))
-    (bin_dir / "scontrol").write_text(SCONTROL_STANDIN)
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    return bin_dir
-
-
 @pytest.mark.timeout(700)
 def test_slurm_colocated_layout_serves_a_student_on_every_training_node(assets, tmp_path):
     """COLOCATE=1 on three "nodes": the first serves only the teacher; each of the two training
     nodes runs a student server (memory saver, bound to the node's name) and one trainer rank,
     which feeds that server in memory; the job trains, then stops every server."""
-    bin_dir = _slurm_bin(tmp_path)
-    out, srun_log, log = tmp_path / "job", tmp_path / "srun_calls.jsonl", tmp_path / "batch.out"
+    env, out, srun_log, log = _slurm_job(tmp_path, assets, SLURM_JOB_ID="4343", COLOCATE="1",
+                                         SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2,127.0.0.3")
     run_dir = out / "run"
-    env = _script_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SRUN_STANDIN_LOG=str(srun_log),
-                      SLURM_JOB_ID="4343", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2,127.0.0.3", OUT=str(out),
-                      STUDENT=str(assets["student"]), TEACHER=str(assets["teacher"]), ENGINE="embedded",
-                      COLOCATE="1", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
-                      STUDENT_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
-    overrides = [f"model.student={assets['student']}", f"teacher.model={assets['teacher']}",
-                 f"data.paths=[{assets['prompts']}]", *SHORT]
-    with log.open("w") as sink:
-        batch = subprocess.Popen(["bash", str(SBATCH), str(TINY_CONFIG), *overrides], cwd=REPO, env=env,
-                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    batch = _submit(assets, env, log)
     try:
         assert batch.wait(timeout=600) == 0, _tail(log)
     finally:

@@ -16,6 +16,13 @@ If sending fails on rank 0, rank 0 still drains the stream (so the other ranks' 
 complete), then every rank learns the failure through the control group and raises
 :class:`SyncError`.
 
+Colocated engines on several nodes (``placement: colocated``, one student server per node):
+tensor handles do not cross machines, so every node feeds its own engine. Rank 0 pauses every
+engine; then each node's data-parallel replica exports to its root, the node's first rank
+(:func:`~scope_megatron.model.hf_io.export_hf_tensors_to_replica_root`, all nodes at once), which
+hands the tensors to the node's engine; every rank learns every node's outcome, and rank 0
+continues the engines (:meth:`WeightSync._sync_nodes`).
+
 ``sync.verify``: after each sync, the first student worker continues a fixed prompt (the
 data's first) greedily for ``sync.probe_tokens`` tokens with the weights it just received;
 every student worker scores that continuation teacher-forced, and the trainer computes its own
