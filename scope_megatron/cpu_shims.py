@@ -24,6 +24,11 @@ site-packages is edited. What is patched, and why
    forward (``tensor_parallel/random.py:104-133, 135-170, 525-542``); there is none on CPU, so
    ``_get_cuda_rng_state`` returns an empty state and ``_set_cuda_rng_state`` ignores it (the CPU
    generator is saved and restored by the same code through ``torch.get_rng_state``).
+7. While megatron-core is first imported, ``torch.compile`` defers its work to the first call of
+   what it wraps: ``megatron/core/jit.py`` sets ``jit_fuser = torch.compile`` and the fusion
+   modules decorate their helpers with it at import, and each ``torch.compile(fn)`` imports
+   ``torch._dynamo`` (~1.2 s of CPU per process here), which no CPU run calls (the fusions are
+   off on CPU). A helper that is called is compiled then, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import sys
 import types
 
 import torch
@@ -101,6 +107,31 @@ class _NullStream:
         return None
 
 
+@contextlib.contextmanager
+def _torch_compile_on_first_call():
+    """``torch.compile(fn, **options)`` inside the block returns a wrapper that compiles ``fn``
+    with the real ``torch.compile`` when it is first called (item 7)."""
+    real_compile = torch.compile
+
+    def deferred(model=None, **options):
+        if model is None:  # used as @torch.compile(**options)
+            return lambda fn: deferred(fn, **options)
+        compiled = []
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            if not compiled:
+                compiled.append(real_compile(model, **options))
+            return compiled[0](*args, **kwargs)
+        return call
+
+    torch.compile = deferred  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = real_compile  # type: ignore[assignment]
+
+
 def shims_active() -> bool:
     """Whether :func:`apply_cpu_shims` patched this process."""
     return _APPLIED
@@ -126,8 +157,9 @@ def apply_cpu_shims() -> bool:
     torch.cuda.current_stream = lambda *a, **k: null_stream  # type: ignore[assignment]
     torch.cuda.default_stream = lambda *a, **k: null_stream  # type: ignore[assignment]
     cpu_torch = _CpuTorch()
-    for module_name in _CUDA_LITERAL_MODULES:
-        importlib.import_module(module_name).torch = cpu_torch
+    with _torch_compile_on_first_call() if "megatron.core" not in sys.modules else contextlib.nullcontext():
+        for module_name in _CUDA_LITERAL_MODULES:
+            importlib.import_module(module_name).torch = cpu_torch
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
     original_type = torch.Tensor.type

@@ -11,7 +11,7 @@ import torch
 
 PROBE = r"""
 import json, torch
-originals = {n: getattr(torch, n) for n in ("zeros", "empty", "tensor", "arange")}
+originals = {n: getattr(torch, n) for n in ("zeros", "empty", "tensor", "arange", "compile")}
 from scope_megatron.cpu_shims import apply_cpu_shims, shims_active
 active = apply_cpu_shims()
 from megatron.core.pipeline_parallel import schedules
@@ -20,6 +20,10 @@ out = {
     "torch_untouched": all(getattr(torch, n) is f for n, f in originals.items()),
     "current_device": str(torch.cuda.current_device()),
 }
+import sys
+from megatron.core import jit
+out["compile_deferred"] = "torch._dynamo" not in sys.modules and torch.compile is originals.get("compile", torch.compile) \
+    and jit.jit_fuser is not torch.compile
 if active:
     out["schedule_counter_device"] = str(schedules.torch.zeros([], dtype=torch.int, device="cuda").device)
     # activation recomputation (megatron's CheckpointFunction) against the plain forward/backward
@@ -49,6 +53,29 @@ def test_shims_apply_on_cpu_without_touching_torch():
     assert out["current_device"] == "cpu"
     assert out["schedule_counter_device"] == "cpu"  # megatron's literal device="cuda" lands on CPU
     assert out["recompute_grad_equal"]  # full recompute runs on CPU and gives the same gradient
+    # megatron's import wrapped its fused helpers without importing torch._dynamo; torch.compile is restored
+    assert out["compile_deferred"]
+
+
+def test_torch_compile_deferred_to_the_first_call(monkeypatch):
+    from scope_megatron.cpu_shims import _torch_compile_on_first_call
+
+    compiled: list[tuple] = []
+
+    def recording_compile(fn, **options):
+        compiled.append((fn, options))
+        return lambda *args: ("compiled", fn(*args))
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    with _torch_compile_on_first_call():
+        def double(x):
+            return 2 * x
+        wrapped = torch.compile(double)
+        configured = torch.compile(mode="max-autotune")(double)
+    assert torch.compile is recording_compile and compiled == []  # restored; nothing compiled yet
+    assert wrapped.__wrapped__ is double and wrapped(3) == ("compiled", 6) and wrapped(4) == ("compiled", 8)
+    assert configured(5) == ("compiled", 10)
+    assert compiled == [(double, {}), (double, {"mode": "max-autotune"})]  # once each, with its options
 
 
 @pytest.mark.gpu
