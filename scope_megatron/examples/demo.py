@@ -76,8 +76,8 @@ def write_task(directory: str | Path, seed: int = 0, num_test: int = 64) -> dict
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class DemoSettings:
-    """Sizes, steps and the SCOPE settings; the defaults take about 3.5 minutes on a 2-core CPU with
-    the teacher and student cached, about 7 the first time.
+    """Sizes, steps and the SCOPE settings; the defaults take about 2 minutes on a 2-core CPU with
+    the teacher and student cached, about 5 the first time.
 
     ``model_seed`` fixes the task split, the teacher and the student (cached); ``seed`` is the SCOPE
     run's (data order, rollout sampling), so runs with different ``seed`` start from the same student
