@@ -500,9 +500,10 @@ class WeightTransfer:
         if wrong:
             raise SGLangError(f"after the update, engines report other weight versions than {version!r}: {wrong}")
 
-    def engine_tp_sizes(self) -> list[int]:
-        """Each engine's TP size (``/server_info``), in ``engine_urls`` order."""
-        return self._engine_tp_sizes()
+    def tensor_tp_sizes(self) -> list[int]:
+        """Transport "tensor": each engine's TP size, in ``engine_urls`` order, as its in-memory
+        sender uses it (read once from ``/server_info`` when the senders are made)."""
+        return [sender.tp_size for sender in self._tensor_senders()]
 
     def _tensor_senders(self) -> list[Any]:
         """One in-memory sender per (colocated) engine, made on first use."""

@@ -252,7 +252,7 @@ class WeightSync:
             raise SyncError(f"node {self.node}: the model replica of rank {first} (ranks {members}) is not "
                             f"rooted at it within the node of {local_world_size} ranks")
         self.is_feeder = rank == first
-        box: list[Any] = [self.transfer.engine_tp_sizes() if self.is_controller else None]
+        box: list[Any] = [self.transfer.tensor_tp_sizes() if self.is_controller else None]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         if self.is_feeder and not self.is_controller:
             from ..rollout.tensor_transport import TensorWeightSender
