@@ -114,3 +114,24 @@ def test_configs_that_cannot_feed_every_node_are_refused_naming_the_field(assets
     errs = [p.communicate(timeout=240)[1] for p in nodes]
     assert [p.returncode for p in nodes] != [0, 0], errs[0][-3000:]
     assert field in errs[0] and "placement=colocated on 2 nodes" in errs[0], errs[0][-3000:]
+
+
+@pytest.mark.parametrize("overrides, world, per_node, field", [
+    (["parallel.pp=2"], 4, 2, "parallel.pp"),            # stage 1 of each replica sits on the other node
+    (["parallel.tp=4"], 8, 2, "parallel.tp"),            # a TP group wider than a node
+    (["parallel.tp=2", "parallel.cp=2", "parallel.max_tokens_per_microbatch=64"], 8, 2, "parallel.tp"),
+    ([], 3, 2, "placement"),                             # 3 ranks are no whole nodes of 2
+])
+def test_layouts_without_a_whole_replica_per_node_are_refused(overrides, world, per_node, field):
+    from scope_megatron.config import ConfigError, check_colocated_nodes
+
+    urls = ",".join(f"http://node{k}:30000" for k in range(max(world // per_node, 1)))
+    cfg = load_config(TINY_CONFIG, ["placement=colocated", f"rollout.student_urls=[{urls}]", *overrides])
+    with pytest.raises(ConfigError) as info:
+        check_colocated_nodes(cfg, world, per_node)
+    assert info.value.field == field, str(info.value)
+    # the same layout on one node, or with whole replicas per node, passes
+    check_colocated_nodes(cfg, per_node, per_node)
+    good = load_config(TINY_CONFIG, ["placement=colocated", "rollout.student_urls=[http://a:1,http://b:1]",
+                                     "parallel.tp=2"])
+    check_colocated_nodes(good, 4, 2)
