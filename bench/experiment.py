@@ -402,7 +402,8 @@ def settings_from_args(args: argparse.Namespace) -> demo.DemoSettings:
     s = demo.DemoSettings.tiny() if args.tiny else demo.DemoSettings()
     for flag, field_name in (("steps", "scope_steps"), ("prompts", "scope_prompts"), ("group", "scope_group"),
                              ("lr", "scope_lr"), ("eval_problems", "eval_problems"), ("eval_n", "eval_n"),
-                             ("eval_every", "eval_every")):
+                             ("eval_every", "eval_every"), ("topk_k", "scope_topk_k"),
+                             ("topk_coef", "scope_topk_coef")):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, field_name, value)
@@ -432,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=None,
                         help="rollouts per prompt G where the method does not fix it (default: the demo's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's)")
+    parser.add_argument("--topk-k", type=int, default=None,
+                        help="teacher top-k ids per token of the top-k KL (default: the demo's; the vocabulary "
+                             "size gives the full-distribution KL)")
+    parser.add_argument("--topk-coef", type=float, default=None,
+                        help="weight of the top-k KL beside the sampled-token term (default: the demo's)")
     parser.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default: the demo's)")
     parser.add_argument("--eval-n", type=int, default=None, help="samples per held-out problem (default: the demo's)")
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps "
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher held-out Avg@1 {teacher_avg:.1%}", flush=True)
 
     variants = variants_for(args.methods, args.topk)
-    labels = {v: v.replace(TOPK_SUFFIX, f" + top-{s.scope_topk_k} rev. KL") for v, _, _ in variants}
+    labels = {v: v.replace(TOPK_SUFFIX, f" + {s.topk_label()} rev. KL") for v, _, _ in variants}
     plain = [v for v, _, topk in variants if not topk]
     with_topk = [v for v, _, topk in variants if topk]
     # the top-k table compares with SCOPE + top-k and lists the no-KL-path methods' (single) runs too
@@ -473,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = REFERENCE + TOPK_SUFFIX
             names = topk_table if args.topk == "both" else with_topk + plain
             table, summary["topk"] = build_table(rows, names, ref if ref in names else None, labels)
-            tables.append((f"KL path + top-{s.scope_topk_k} reverse KL with tail bucket (algorithm.topk_kl=reverse, "
+            tables.append((f"KL path + {s.topk_label()} reverse KL with tail bucket (algorithm.topk_kl=reverse, "
                            f"topk_tail=true); grpo / kd: no KL path, the same runs as above", table))
             if args.topk == "both":
                 effect, summary["topk_effect"] = _topk_effect_table(rows, with_topk, labels)
@@ -520,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = demo.scope_config(student, teacher, task["train"], task["test"], run, s, preset=preset,
                                            group_size=group, seed=seed,
                                            algorithm_overrides={**(TOPK_OVERRIDES if topk else PLAIN_OVERRIDES),
-                                                                **({"topk_k": s.scope_topk_k} if topk else {})})
+                                                                **({"topk_k": s.topk_k(), **s.topk_coef_override()}
+                                                                   if topk else {})})
             elapsed = f"[{(time.monotonic() - wall_start) / 60:6.1f} min]"
             timing = run / "experiment_run.json"
             if finished(run, method, config, s.scope_steps):

@@ -63,7 +63,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     s = demo.DemoSettings.tiny()
-    assert summary["method"] == "SCOPE + top-32 reverse KL" and summary["seed"] == 0
+    assert summary["method"] == "SCOPE + full-vocabulary reverse KL" and summary["seed"] == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(summary["held_out_curve_se"]) == len(summary["held_out_curve"])
     config = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config the run saved

@@ -144,3 +144,31 @@ def test_mean_curve_and_plot(tmp_path: Path) -> None:
                                       "with top-k KL": {"scope + top-k": {0: [(0, 0.2), (5, 0.8)]}}},
                                      tmp_path / "fig" / "accuracy_by_step.png", teacher_avg=0.9, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_topk_flags_reach_the_scope_config(tmp_path: Path) -> None:
+    """The demo's top-k KL spans the tokenizer's whole vocabulary unless ``--topk-k`` narrows it, and
+    ``--topk-coef`` becomes ``algorithm.topk_kl_coef`` (left out at the config's default 1)."""
+    import argparse
+
+    from scope_megatron.examples import demo
+    from scope_megatron.examples.tiny_models import make_tiny_tokenizer
+
+    vocab = len(make_tiny_tokenizer())
+    flags = dict(tiny=False, steps=None, prompts=None, group=None, lr=None, eval_problems=None, eval_n=None,
+                 eval_every=None, topk_k=None, topk_coef=None)
+    paths = [tmp_path / name for name in ("student", "teacher", "train.jsonl", "test.jsonl", "run")]
+
+    default = exp.settings_from_args(argparse.Namespace(**flags))
+    algorithm = demo.scope_config(*paths, default)["algorithm"]
+    assert algorithm["topk_kl"] == "reverse" and algorithm["topk_k"] == vocab
+    assert algorithm.get("topk_kl_coef", 1.0) == default.scope_topk_coef
+    assert default.topk_label() == "full-vocabulary"
+
+    narrowed = exp.settings_from_args(argparse.Namespace(**{**flags, "topk_k": 16, "topk_coef": 1.0}))
+    algorithm = demo.scope_config(*paths, narrowed)["algorithm"]
+    assert algorithm["topk_k"] == 16 and "topk_kl_coef" not in algorithm
+    assert narrowed.topk_label() == "top-16" and narrowed.method_label() == "SCOPE + top-16 reverse KL"
+
+    weighted = exp.settings_from_args(argparse.Namespace(**{**flags, "topk_coef": 3.0}))
+    assert demo.scope_config(*paths, weighted)["algorithm"]["topk_kl_coef"] == 3.0

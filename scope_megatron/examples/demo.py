@@ -7,13 +7,14 @@
    (``algorithm.preset: sft``, the same Megatron path), cached under ``--cache`` so later runs skip it;
 3. a smaller, briefly SFT-ed STUDENT (cached too);
 4. SCOPE with embedded student / teacher engines, real weight sync and math-verify rewards
-   (``scope_megatron.train``), evaluated on 512 held-out problems x 4 samples before, during and
-   after (``scope_megatron.evaluation``, Avg@k with its standard error over problems);
+   (``scope_megatron.train``), 60 steps, evaluated on 512 held-out problems x 4 samples before,
+   during and after (``scope_megatron.evaluation``, Avg@k with its standard error over problems);
 5. a table (student before, student after SCOPE, teacher, with 95% intervals), TensorBoard logs,
    ``accuracy.png`` (accuracy against step, error bars) and ``summary.json`` in the run directory.
 
-The KL path adds the top-32 reverse KL to the teacher (``algorithm.topk_kl: reverse``, with the
-tail bucket) to the paper's sampled-token estimator, and the student's log-probs are taken at
+The KL path adds the reverse KL to the teacher over the whole 99-token vocabulary
+(``algorithm.topk_kl: reverse`` with ``topk_k`` = the vocabulary size) to the paper's
+sampled-token estimator, and the student's log-probs are taken at
 temperature 1 like the teacher's (``scale_logits_by_rollout_temperature: false``): at this
 scale the sampled-token estimator alone moves the student slowly and noisily, and a student at
 the rollout temperature 0.6 against a teacher at 1 (SGLang scores prompts at 1 only) pushes down
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
+
+from .tiny_models import tiny_vocab_size
 
 # ------------------------------------------------------------------------------------------ the task
 
@@ -76,8 +79,8 @@ def write_task(directory: str | Path, seed: int = 0, num_test: int = 64) -> dict
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class DemoSettings:
-    """Sizes, steps and the SCOPE settings; the defaults take about 2 minutes on a 2-core CPU with
-    the teacher and student cached, about 5 the first time.
+    """Sizes, steps and the SCOPE settings; the defaults take about 3 minutes on a 2-core CPU with
+    the teacher and student cached, about 6 the first time.
 
     ``model_seed`` fixes the task split, the teacher and the student (cached); ``seed`` is the SCOPE
     run's (data order, rollout sampling), so runs with different ``seed`` start from the same student
@@ -95,17 +98,20 @@ class DemoSettings:
     student_lr: float = 3e-3
     sft_batch: int = 32
     held_out_problems: int = 512          # the task's held-out split (never trained on)
-    scope_steps: int = 40
+    scope_steps: int = 60
     scope_prompts: int = 16
     scope_group: int = 4
     scope_lr: float = 5e-4
     scope_temperature: float = 0.6
     # the KL path: the paper's sampled-token estimator, plus the top-k KL to the teacher when set
     scope_topk_kl: Optional[str] = "reverse"
-    scope_topk_k: int = 32
+    # teacher ids per token of the top-k KL; None: the whole vocabulary (the exact reverse KL, cheap
+    # with this task's 99-token vocabulary)
+    scope_topk_k: Optional[int] = None
+    scope_topk_coef: float = 1.0          # algorithm.topk_kl_coef: its weight beside the sampled-token term
     # student log-probs from logits / rollout temperature (the reference code) or at T = 1 like the teacher's
     scope_scale_logits_by_rollout_temperature: bool = False
-    eval_every: int = 20
+    eval_every: int = 30
     eval_n: int = 4
     eval_problems: int = 512
     max_new_tokens: int = 40
@@ -125,12 +131,25 @@ class DemoSettings:
         out: dict = {"scale_logits_by_rollout_temperature": self.scope_scale_logits_by_rollout_temperature,
                      "topk_kl": self.scope_topk_kl}
         if self.scope_topk_kl is not None:
-            out.update(topk_tail=True, topk_k=self.scope_topk_k)
+            out.update(topk_tail=True, topk_k=self.topk_k(), **self.topk_coef_override())
         return out
+
+    def topk_coef_override(self) -> dict:
+        """``{"topk_kl_coef": ...}`` when it is not the config's default 1 (configs stay as they were)."""
+        return {} if self.scope_topk_coef == 1.0 else {"topk_kl_coef": self.scope_topk_coef}
+
+    def topk_k(self) -> int:
+        """``algorithm.topk_k`` of the top-k KL: ``scope_topk_k``, or the tokenizer's vocabulary size."""
+        return self.scope_topk_k if self.scope_topk_k is not None else tiny_vocab_size()
+
+    def topk_label(self) -> str:
+        """``top-K`` or ``full-vocabulary`` (K = the vocabulary size: nothing is left for the tail bucket)."""
+        k = self.topk_k()
+        return "full-vocabulary" if k >= tiny_vocab_size() else f"top-{k}"
 
     def method_label(self) -> str:
         """What the SCOPE run optimises, in words (table and plot titles)."""
-        kl = "SCOPE" if self.scope_topk_kl is None else f"SCOPE + top-{self.scope_topk_k} {self.scope_topk_kl} KL"
+        kl = "SCOPE" if self.scope_topk_kl is None else f"SCOPE + {self.topk_label()} {self.scope_topk_kl} KL"
         if self.scope_scale_logits_by_rollout_temperature:
             kl += f", student log-probs at T={self.scope_temperature}"
         return kl
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="output directory (default runs/demo-<time>)")
     parser.add_argument("--cache", default="runs/demo-cache", help="task, teacher and student cache")
-    parser.add_argument("--steps", type=int, default=None, help="SCOPE steps (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="SCOPE steps (default 60)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the SCOPE run's seed (data order, sampling); the teacher, student and task stay the same")
     parser.add_argument("--no-topk", action="store_true",
