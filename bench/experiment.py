@@ -139,6 +139,15 @@ def successful(rows: Iterable[Mapping[str, Any]], variant: str) -> dict[int, Map
     return {int(r["seed"]): r for r in rows if r["variant"] == variant and r.get("after") is not None}
 
 
+def figure_panels(rows: Iterable[Mapping[str, Any]], labels: Mapping[str, str], *, plain: Sequence[str],
+                  with_topk: Sequence[str]) -> dict[str, dict[str, dict[int, Any]]]:
+    """The figure's panels, as the tables: ``{panel: {label: {seed: curve}}}`` for the variants of the
+    plain table and of the top-k table (which lists GRPO and KD too); an empty list gives no panel."""
+    rows = list(rows)
+    return {panel: {labels[v]: {sd: r["curve"] for sd, r in successful(rows, v).items()} for v in names}
+            for panel, names in (("without top-k KL", plain), ("with top-k KL", with_topk)) if names}
+
+
 def failure_reason(error: str, width: int = 120) -> str:
     """One line of a run's error for the table: the log tail's last line naming an error, else its first line."""
     lines = [line.strip() for line in error.splitlines() if line.strip()]
@@ -466,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     with_topk = [v for v, _, topk in variants if topk]
     # the top-k table compares with SCOPE + top-k and lists the no-KL-path methods' (single) runs too
     topk_table = with_topk + [v for v in plain if not kl_path(METHODS[v][0])]
+    # rows of the top-k table and curves of its figure panel (with --topk on, plain holds only grpo / kd)
+    topk_names = topk_table if args.topk == "both" else with_topk + plain
     rows: list[dict[str, Any]] = []
     total = len(variants) * len(args.seeds)
 
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(("KL path: the paper's sampled-token estimator (algorithm.topk_kl: null)", table))
         if with_topk:
             ref = REFERENCE + TOPK_SUFFIX
-            names = topk_table if args.topk == "both" else with_topk + plain
+            names = topk_names
             table, summary["topk"] = build_table(rows, names, ref if ref in names else None, labels)
             tables.append((f"KL path + {s.topk_label()} reverse KL with tail bucket (algorithm.topk_kl=reverse, "
                            f"topk_tail=true); grpo / kd: no KL path, the same runs as above", table))
@@ -501,10 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"settings": asdict(s), "args": vars(args), "teacher_avg@1": teacher_avg, "runs": rows,
                    "summary": summary, "wall_time_s": round(wall, 1), "complete": final}
         write_results(out, header, tables, payload)
-        panels: dict[str, dict[str, dict[int, list]]] = {}
-        for panel, names in (("without top-k KL", plain if args.topk != "on" else []), ("with top-k KL", with_topk)):
-            if names:
-                panels[panel] = {labels[v]: {sd: r["curve"] for sd, r in successful(rows, v).items()} for v in names}
+        panels = figure_panels(rows, labels, plain=plain if args.topk != "on" else [],
+                               with_topk=topk_names if with_topk else [])
         plot_accuracy_by_step(panels, out / "accuracy_by_step.png", teacher_avg,
                               title=f"held-out Avg@1 ({s.eval_problems} problems, n={s.eval_n}); mean over seeds, "
                                     f"band: 95% t-interval")

@@ -172,3 +172,21 @@ def test_topk_flags_reach_the_scope_config(tmp_path: Path) -> None:
 
     weighted = exp.settings_from_args(argparse.Namespace(**{**flags, "topk_coef": 3.0}))
     assert demo.scope_config(*paths, weighted)["algorithm"]["topk_kl_coef"] == 3.0
+
+
+def test_figure_panels_follow_the_tables() -> None:
+    """With ``--topk on`` the top-k panel shows GRPO and KD beside the KL-path methods, as its table does."""
+    rows = [{"variant": "scope+topk", "seed": 0, "after": 0.4, "curve": [(0, 0.1), (60, 0.4)]},
+            {"variant": "grpo", "seed": 0, "after": 0.0, "curve": [(0, 0.1), (60, 0.0)]},
+            {"variant": "grpo", "seed": 1, "after": None, "curve": [], "error": "boom"},
+            {"variant": "kd", "seed": 0, "after": 0.5, "curve": [(0, 0.1), (60, 0.5)]}]
+    labels = {"scope+topk": "scope + KL", "grpo": "grpo", "kd": "kd"}
+    variants = exp.variants_for(["scope", "grpo", "kd"], "on")
+    plain = [v for v, _, topk in variants if not topk]
+    with_topk = [v for v, _, topk in variants if topk]
+    panels = exp.figure_panels(rows, labels, plain=[], with_topk=with_topk + plain)
+    assert list(panels) == ["with top-k KL"]
+    assert panels["with top-k KL"] == {"scope + KL": {0: [(0, 0.1), (60, 0.4)]}, "grpo": {0: [(0, 0.1), (60, 0.0)]},
+                                       "kd": {0: [(0, 0.1), (60, 0.5)]}}
+    both = exp.figure_panels(rows, labels, plain=["grpo"], with_topk=["scope+topk", "grpo"])
+    assert list(both) == ["without top-k KL", "with top-k KL"] and list(both["without top-k KL"]) == ["grpo"]
