@@ -38,15 +38,19 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_megatron.examples import demo  # noqa: E402
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # name -> (algorithm.preset, group size or None for the settings' G)
 METHODS: dict[str, tuple[str, int | None]] = {
@@ -60,6 +64,12 @@ METHODS: dict[str, tuple[str, int | None]] = {
     "scope_no_teacher_weight": ("scope_no_teacher_weight", None),
     "scope_opposite_student": ("scope_opposite_student", None),
     "scope_opposite_teacher": ("scope_opposite_teacher", None),
+    "scope_rollout_temp": ("scope", None),
+}
+# algorithm.* fields a method sets beyond its preset: SCOPE with the student's log-probs at the
+# rollout temperature (the reference code's and the paper configs' choice; the demo takes them at 1)
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "scope_rollout_temp": {"scale_logits_by_rollout_temperature": True},
 }
 REFERENCE = "scope"
 TOPK_SUFFIX = "+topk"
@@ -384,6 +394,19 @@ def run_kd(student: Path, teacher: Path, task: Mapping[str, Path], run: Path, s:
     return held
 
 
+def method_config(method: str, topk: bool, student: Path, teacher: Path, task: Mapping[str, Path], run: Path,
+                  s: demo.DemoSettings, seed: int) -> dict[str, Any]:
+    """The training config of one run of ``method`` (with the top-k KL on its KL path if ``topk``)."""
+    preset, group = METHODS[method]
+    if method == "kd":
+        return kd_config(student, run / "kd_train.jsonl", run, s, seed)
+    overrides = {**(TOPK_OVERRIDES if topk else PLAIN_OVERRIDES),
+                 **({"topk_k": s.topk_k(), **s.topk_coef_override()} if topk else {}),
+                 **METHOD_OVERRIDES.get(method, {})}
+    return demo.scope_config(student, teacher, task["train"], task["test"], run, s, preset=preset,
+                             group_size=group, seed=seed, algorithm_overrides=overrides)
+
+
 def finished(run: Path, method: str, config: dict | None, steps: int) -> bool:
     """Whether ``run`` holds a finished run of these settings (same config, the final evaluation)."""
     if config is not None and not _same_config(run / "config_in.yaml", config):
@@ -428,6 +451,24 @@ def write_results(out: Path, header: str, tables: Sequence[tuple[str, str]], pay
         tmp.replace(out / name)
 
 
+def run_pool(tasks: Sequence[T], jobs: int, work: Callable[[T], R], done: Callable[[R], None]) -> None:
+    """``work(task)`` for every task, at most ``jobs`` at once, and ``done(result)`` for each in the
+    order they finish, one call at a time, in the calling thread.
+
+    Threads suffice: each run is its own training and engine processes, and on a small CPU a run
+    spends much of its time waiting for them (generation, HTTP, weight sync), so several runs at
+    once finish sooner than one after another (docs/experiment.md has the measured ratio)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if jobs == 1:
+        for task in tasks:
+            done(work(task))
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in as_completed([pool.submit(work, task) for task in tasks]):
+            done(future.result())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/experiment")
@@ -451,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-n", type=int, default=None, help="samples per held-out problem (default: the demo's)")
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps "
                                                                       "(default: the demo's; also at the start and end)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (default 1); each is its own processes, and a small CPU runs ~3 "
+                             "in less time than one after another (docs/experiment.md)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     s = settings_from_args(args)
     if s.eval_problems > s.held_out_problems:
@@ -507,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"it), lr {s.scope_lr:g}, seeds {args.seeds}. Start (student, mean over runs) "
                   f"{statistics.fmean(befores) if befores else float('nan'):.1%}, teacher {teacher_avg:.1%}. "
                   f"Intervals: 95% Student-t over seeds; differences paired by seed (seeds present in both).\n\n"
-                  f"Runs: {done} finished, {failed} failed, of {total}. Wall time of this invocation "
+                  f"Runs: {done} finished, {failed} failed, of {total}, {args.jobs} at a time. Wall time of this invocation "
                   f"{wall / 60:.1f} min; the runs' own times add up to {run_seconds / 60:.1f} min.\n")
         payload = {"settings": asdict(s), "args": vars(args), "teacher_avg@1": teacher_avg, "runs": rows,
                    "summary": summary, "wall_time_s": round(wall, 1), "complete": final}
@@ -521,52 +567,55 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print((out / "results.md").read_text())
 
-    index = 0
-    for variant, method, topk in variants:
+    tasks = [(variant, method, topk, seed) for variant, method, topk in variants for seed in args.seeds]
+    order = {(variant, seed): i for i, (variant, _, _, seed) in enumerate(tasks)}
+
+    def one_run(index: int, variant: str, method: str, topk: bool, seed: int) -> dict[str, Any]:
+        """Runs (or finds finished) one method x seed; its table row. Called from several threads
+        with ``--jobs`` > 1: it touches only its own run directory."""
         preset, group = METHODS[method]
-        for seed in args.seeds:
-            index += 1
-            run = out / f"{variant}-seed{seed}"
-            row: dict[str, Any] = {"variant": variant, "method": method, "topk_kl": topk, "preset": preset,
-                                   "group_size": "-" if method == "kd" else group or s.scope_group, "seed": seed, "run_dir": str(run)}
-            if method == "kd":
-                config = kd_config(student, run / "kd_train.jsonl", run, s, seed)
-            else:
-                config = demo.scope_config(student, teacher, task["train"], task["test"], run, s, preset=preset,
-                                           group_size=group, seed=seed,
-                                           algorithm_overrides={**(TOPK_OVERRIDES if topk else PLAIN_OVERRIDES),
-                                                                **({"topk_k": s.topk_k(), **s.topk_coef_override()}
-                                                                   if topk else {})})
-            elapsed = f"[{(time.monotonic() - wall_start) / 60:6.1f} min]"
-            timing = run / "experiment_run.json"
-            if finished(run, method, config, s.scope_steps):
-                print(f"{elapsed} {index}/{total} {variant} seed {seed}: done before, skipped", flush=True)
-                row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-            else:
-                print(f"{elapsed} {index}/{total} {variant} seed {seed}", flush=True)
-                started = time.monotonic()
-                try:
-                    run.mkdir(parents=True, exist_ok=True)
-                    (run / "metrics.jsonl").unlink(missing_ok=True)
-                    (run / "heldout.json").unlink(missing_ok=True)
-                    if method == "kd":
-                        run_kd(student, teacher, task, run, s, seed, variant)
-                    else:
-                        demo.run_training(config, run / "config_in.yaml", variant, s.scope_steps, run / "train.log",
-                                          every=max(1, s.eval_every))
-                    if not finished(run, method, None, s.scope_steps):
-                        raise RuntimeError(f"{variant} ended without a held-out evaluation at step {s.scope_steps}; "
-                                           f"log: {run / 'train.log'}")
-                except Exception as exc:  # a failed run is a table entry, not the end of the experiment
-                    print(f"  failed: {exc}", flush=True)
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:4000]
-                row["seconds"] = round(time.monotonic() - started, 1)
-                timing.write_text(json.dumps({"seconds": row["seconds"]}) + "\n")
-            if "error" not in row:
-                row.update(run_result(run, method))
-                print(f"  held-out Avg@1 {row['before']:.1%} -> {row['after']:.1%}", flush=True)
-            rows.append(row)
-            report(final=False)
+        label = f"{variant} seed {seed}"
+        run = out / f"{variant}-seed{seed}"
+        row: dict[str, Any] = {"variant": variant, "method": method, "topk_kl": topk, "preset": preset,
+                               "group_size": "-" if method == "kd" else group or s.scope_group, "seed": seed,
+                               "run_dir": str(run)}
+        config = method_config(method, topk, student, teacher, task, run, s, seed)
+        elapsed = f"[{(time.monotonic() - wall_start) / 60:6.1f} min]"
+        timing = run / "experiment_run.json"
+        if finished(run, method, config, s.scope_steps):
+            print(f"{elapsed} {index}/{total} {label}: done before, skipped", flush=True)
+            row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+        else:
+            print(f"{elapsed} {index}/{total} {label}", flush=True)
+            started = time.monotonic()
+            try:
+                run.mkdir(parents=True, exist_ok=True)
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+                (run / "heldout.json").unlink(missing_ok=True)
+                if method == "kd":
+                    run_kd(student, teacher, task, run, s, seed, label)
+                else:
+                    demo.run_training(config, run / "config_in.yaml", label, s.scope_steps, run / "train.log",
+                                      every=max(1, s.eval_every))
+                if not finished(run, method, None, s.scope_steps):
+                    raise RuntimeError(f"{variant} ended without a held-out evaluation at step {s.scope_steps}; "
+                                       f"log: {run / 'train.log'}")
+            except Exception as exc:  # a failed run is a table entry, not the end of the experiment
+                print(f"  {label} failed: {exc}", flush=True)
+                row["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+            row["seconds"] = round(time.monotonic() - started, 1)
+            timing.write_text(json.dumps({"seconds": row["seconds"]}) + "\n")
+        if "error" not in row:
+            row.update(run_result(run, method))
+            print(f"  {label}: held-out Avg@1 {row['before']:.1%} -> {row['after']:.1%}", flush=True)
+        return row
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        rows.sort(key=lambda r: order[(r["variant"], r["seed"])])  # results.json in task order
+        report(final=False)
+
+    run_pool([(i + 1, *t) for i, t in enumerate(tasks)], args.jobs, lambda t: one_run(*t), record)
     report(final=True)
     print(f"{out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_by_step.png'} "
           f"({(time.monotonic() - wall_start) / 60:.1f} min)")

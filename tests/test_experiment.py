@@ -190,3 +190,57 @@ def test_figure_panels_follow_the_tables() -> None:
                                        "kd": {0: [(0, 0.1), (60, 0.5)]}}
     both = exp.figure_panels(rows, labels, plain=["grpo"], with_topk=["scope+topk", "grpo"])
     assert list(both) == ["without top-k KL", "with top-k KL"] and list(both["without top-k KL"]) == ["grpo"]
+
+
+def test_run_pool_runs_jobs_at_once_and_reports_one_at_a_time() -> None:
+    """``--jobs 3``: the first three runs are under way together (a barrier of three that a
+    one-at-a-time pool would break by its timeout), every result is reported once, in the calling
+    thread, and never two reports overlap; ``--jobs 1`` runs and reports in task order."""
+    import threading
+
+    barrier = threading.Barrier(3, timeout=10)
+    main_thread = threading.get_ident()
+    reported: list[int] = []
+    reporting = threading.Lock()
+
+    def work(task: int) -> int:
+        if task < 3:
+            barrier.wait()  # raises BrokenBarrierError unless tasks 0-2 run at the same time
+        return task * 10
+
+    def done(result: int) -> None:
+        assert threading.get_ident() == main_thread
+        assert reporting.acquire(blocking=False), "two reports at once"
+        try:
+            reported.append(result)
+        finally:
+            reporting.release()
+
+    exp.run_pool(list(range(7)), 3, work, done)
+    assert sorted(reported) == [0, 10, 20, 30, 40, 50, 60]
+
+    serial: list[int] = []
+    exp.run_pool([2, 0, 1], 1, lambda t: t, serial.append)
+    assert serial == [2, 0, 1]
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        exp.run_pool([1], 0, lambda t: t, serial.append)
+
+
+def test_rollout_temperature_method_differs_from_scope_only_in_the_student_temperature(tmp_path: Path) -> None:
+    """``scope_rollout_temp`` is SCOPE with ``scale_logits_by_rollout_temperature: true`` (the
+    reference code's choice) and nothing else changed; ``scope`` keeps the demo's false."""
+    import argparse
+
+    flags = dict(tiny=False, steps=None, prompts=None, group=None, lr=None, eval_problems=None, eval_n=None,
+                 eval_every=None, topk_k=None, topk_coef=None)
+    s = exp.settings_from_args(argparse.Namespace(**flags))
+    task = {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}
+    for topk in (False, True):
+        scope = exp.method_config("scope", topk, tmp_path / "student", tmp_path / "teacher", task, tmp_path / "run", s, 3)
+        hot = exp.method_config("scope_rollout_temp", topk, tmp_path / "student", tmp_path / "teacher", task,
+                                tmp_path / "run", s, 3)
+        assert scope["algorithm"]["scale_logits_by_rollout_temperature"] is False
+        assert hot["algorithm"]["scale_logits_by_rollout_temperature"] is True
+        hot["algorithm"]["scale_logits_by_rollout_temperature"] = False
+        assert hot == scope
+        assert (scope["algorithm"]["topk_kl"] == "reverse") is topk
