@@ -382,7 +382,7 @@ def run_kd(student: Path, teacher: Path, task: Mapping[str, Path], run: Path, s:
     data, teacher_acc = kd_teacher_data(teacher, task["train"], run, s, seed)
     config = kd_config(student, data, run, s, seed)
     demo.run_training(config, run / "config_in.yaml", label, s.scope_steps, run / "train.log",
-                      every=max(1, s.scope_steps // 4))
+                      echo=say, every=max(1, s.scope_steps // 4))
     limit = s.eval_problems
     before = evaluate_hf(student, task["test"], run.parent / "student_eval" / f"seed{seed}-{limit}x{s.eval_n}", s,
                          seed=seed, n=s.eval_n, limit=limit)
@@ -449,6 +449,13 @@ def write_results(out: Path, header: str, tables: Sequence[tuple[str, str]], pay
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         tmp.replace(out / name)
+
+
+def say(line: str) -> None:
+    """One progress line in one write, so that lines of runs going at once (``--jobs``) do not
+    interleave (``print`` writes the text and its newline separately)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def run_pool(tasks: Sequence[T], jobs: int, work: Callable[[T], R], done: Callable[[R], None]) -> None:
@@ -583,10 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = f"[{(time.monotonic() - wall_start) / 60:6.1f} min]"
         timing = run / "experiment_run.json"
         if finished(run, method, config, s.scope_steps):
-            print(f"{elapsed} {index}/{total} {label}: done before, skipped", flush=True)
+            say(f"{elapsed} {index}/{total} {label}: done before, skipped")
             row["seconds"] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
         else:
-            print(f"{elapsed} {index}/{total} {label}", flush=True)
+            say(f"{elapsed} {index}/{total} {label}")
             started = time.monotonic()
             try:
                 run.mkdir(parents=True, exist_ok=True)
@@ -596,18 +603,18 @@ def main(argv: list[str] | None = None) -> int:
                     run_kd(student, teacher, task, run, s, seed, label)
                 else:
                     demo.run_training(config, run / "config_in.yaml", label, s.scope_steps, run / "train.log",
-                                      every=max(1, s.eval_every))
+                                      echo=say, every=max(1, s.eval_every))
                 if not finished(run, method, None, s.scope_steps):
                     raise RuntimeError(f"{variant} ended without a held-out evaluation at step {s.scope_steps}; "
                                        f"log: {run / 'train.log'}")
             except Exception as exc:  # a failed run is a table entry, not the end of the experiment
-                print(f"  {label} failed: {exc}", flush=True)
+                say(f"  {label} failed: {exc}")
                 row["error"] = f"{type(exc).__name__}: {exc}"[:4000]
             row["seconds"] = round(time.monotonic() - started, 1)
             timing.write_text(json.dumps({"seconds": row["seconds"]}) + "\n")
         if "error" not in row:
             row.update(run_result(run, method))
-            print(f"  {label}: held-out Avg@1 {row['before']:.1%} -> {row['after']:.1%}", flush=True)
+            say(f"  {label}: held-out Avg@1 {row['before']:.1%} -> {row['after']:.1%}")
         return row
 
     def record(row: dict[str, Any]) -> None:
