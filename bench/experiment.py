@@ -265,7 +265,12 @@ def plot_accuracy_by_step(panels: Mapping[str, Mapping[str, Mapping[int, Sequenc
     import matplotlib.pyplot as plt
 
     panels = {name: methods for name, methods in panels.items() if any(methods.values())} or {"no results": {}}
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), dpi=110, squeeze=False, sharey=True)
+    # more than a few curves: the legend goes below its panel, where it hides none of them
+    most = max(len(methods) for methods in panels.values()) + (teacher_avg is not None)
+    below = most > 5
+    height = 5 + (0.2 * math.ceil(most / 2) if below else 0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), height), dpi=110, squeeze=False,
+                             sharey=True)
     colors = plt.get_cmap("tab10").colors
     for ax, (panel, methods) in zip(axes[0], panels.items()):
         for i, (label, curves) in enumerate(methods.items()):
@@ -287,13 +292,16 @@ def plot_accuracy_by_step(panels: Mapping[str, Mapping[str, Mapping[int, Sequenc
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
+        if below:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7)
+        else:
+            ax.legend(loc="lower right", fontsize=7)
     axes[0][0].set_ylabel("held-out Avg@1 (mean over seeds, band: 95% t-interval)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
