@@ -568,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"it), lr {s.scope_lr:g}, seeds {args.seeds}. Start (student, mean over runs) "
                   f"{statistics.fmean(befores) if befores else float('nan'):.1%}, teacher {teacher_avg:.1%}. "
                   f"Intervals: 95% Student-t over seeds; differences paired by seed (seeds present in both).\n\n"
-                  f"Runs: {done} finished, {failed} failed, of {total}, {args.jobs} at a time. Wall time of this invocation "
-                  f"{wall / 60:.1f} min; the runs' own times add up to {run_seconds / 60:.1f} min.\n")
+                  f"Runs: {done} finished, {failed} failed, of {total}, {args.jobs} at a time. "
+                  f"Wall time of this invocation {wall / 60:.1f} min; the runs' own times add up to {run_seconds / 60:.1f} min.\n")
         payload = {"settings": asdict(s), "args": vars(args), "teacher_avg@1": teacher_avg, "runs": rows,
                    "summary": summary, "wall_time_s": round(wall, 1), "complete": final}
         write_results(out, header, tables, payload)

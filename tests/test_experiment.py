@@ -27,6 +27,15 @@ def _load_experiment():
 exp = _load_experiment()
 
 
+def _settings(**flags):
+    """``settings_from_args`` for the command line with only ``flags`` given (the rest at their defaults)."""
+    import argparse
+
+    given = dict(tiny=False, steps=None, prompts=None, group=None, lr=None, eval_problems=None, eval_n=None,
+                 eval_every=None, topk_k=None, topk_coef=None)
+    return exp.settings_from_args(argparse.Namespace(**{**given, **flags}))
+
+
 def _t_cdf_above_zero(t: float, df: int, steps: int = 20000) -> float:
     """P(0 < T < t) for Student's t with ``df`` degrees of freedom, by Simpson's rule on its density
     Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + x^2/df)^(-(df+1)/2)."""
@@ -144,33 +153,32 @@ def test_mean_curve_and_plot(tmp_path: Path) -> None:
                                       "with top-k KL": {"scope + top-k": {0: [(0, 0.2), (5, 0.8)]}}},
                                      tmp_path / "fig" / "accuracy_by_step.png", teacher_avg=0.9, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    crowded = {f"method {i}": {0: [(0, 0.2), (5, 0.2 + 0.05 * i)]} for i in range(8)}  # legend below the panel
+    path = exp.plot_accuracy_by_step({"with top-k KL": crowded}, tmp_path / "crowded.png", teacher_avg=0.9)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_topk_flags_reach_the_scope_config(tmp_path: Path) -> None:
     """The demo's top-k KL spans the tokenizer's whole vocabulary unless ``--topk-k`` narrows it, and
     ``--topk-coef`` becomes ``algorithm.topk_kl_coef`` (left out at the config's default 1)."""
-    import argparse
-
     from scope_megatron.examples import demo
     from scope_megatron.examples.tiny_models import make_tiny_tokenizer
 
     vocab = len(make_tiny_tokenizer())
-    flags = dict(tiny=False, steps=None, prompts=None, group=None, lr=None, eval_problems=None, eval_n=None,
-                 eval_every=None, topk_k=None, topk_coef=None)
     paths = [tmp_path / name for name in ("student", "teacher", "train.jsonl", "test.jsonl", "run")]
 
-    default = exp.settings_from_args(argparse.Namespace(**flags))
+    default = _settings()
     algorithm = demo.scope_config(*paths, default)["algorithm"]
     assert algorithm["topk_kl"] == "reverse" and algorithm["topk_k"] == vocab
     assert algorithm.get("topk_kl_coef", 1.0) == default.scope_topk_coef
     assert default.topk_label() == "full-vocabulary"
 
-    narrowed = exp.settings_from_args(argparse.Namespace(**{**flags, "topk_k": 16, "topk_coef": 1.0}))
+    narrowed = _settings(topk_k=16, topk_coef=1.0)
     algorithm = demo.scope_config(*paths, narrowed)["algorithm"]
     assert algorithm["topk_k"] == 16 and "topk_kl_coef" not in algorithm
     assert narrowed.topk_label() == "top-16" and narrowed.method_label() == "SCOPE + top-16 reverse KL"
 
-    weighted = exp.settings_from_args(argparse.Namespace(**{**flags, "topk_coef": 3.0}))
+    weighted = _settings(topk_coef=3.0)
     assert demo.scope_config(*paths, weighted)["algorithm"]["topk_kl_coef"] == 3.0
 
 
@@ -229,16 +237,12 @@ def test_run_pool_runs_jobs_at_once_and_reports_one_at_a_time() -> None:
 def test_rollout_temperature_method_differs_from_scope_only_in_the_student_temperature(tmp_path: Path) -> None:
     """``scope_rollout_temp`` is SCOPE with ``scale_logits_by_rollout_temperature: true`` (the
     reference code's choice) and nothing else changed; ``scope`` keeps the demo's false."""
-    import argparse
-
-    flags = dict(tiny=False, steps=None, prompts=None, group=None, lr=None, eval_problems=None, eval_n=None,
-                 eval_every=None, topk_k=None, topk_coef=None)
-    s = exp.settings_from_args(argparse.Namespace(**flags))
+    s = _settings()
     task = {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}
+    models = (tmp_path / "student", tmp_path / "teacher")
     for topk in (False, True):
-        scope = exp.method_config("scope", topk, tmp_path / "student", tmp_path / "teacher", task, tmp_path / "run", s, 3)
-        hot = exp.method_config("scope_rollout_temp", topk, tmp_path / "student", tmp_path / "teacher", task,
-                                tmp_path / "run", s, 3)
+        scope = exp.method_config("scope", topk, *models, task, tmp_path / "run", s, 3)
+        hot = exp.method_config("scope_rollout_temp", topk, *models, task, tmp_path / "run", s, 3)
         assert scope["algorithm"]["scale_logits_by_rollout_temperature"] is False
         assert hot["algorithm"]["scale_logits_by_rollout_temperature"] is True
         hot["algorithm"]["scale_logits_by_rollout_temperature"] = False
